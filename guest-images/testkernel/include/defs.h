@@ -1,0 +1,277 @@
+/*
+ * defs.h - constants shared by every .S file of the test kernel.
+ *
+ * Only #defines: this header is included by assembly (gcc -c x.S runs cpp).
+ * Every number says where it comes from.  "APM" = AMD64 Architecture
+ * Programmer's Manual vol. 2 (System Programming); "SDM" = Intel SDM vol. 3;
+ * "contract" = the ibsvm boot contract written at the top of entry.S.
+ */
+#ifndef TESTKERNEL_DEFS_H
+#define TESTKERNEL_DEFS_H
+
+/* ------------------------------------------------------------------ */
+/* Image layout                                                        */
+/* ------------------------------------------------------------------ */
+#define KERNEL_LOAD_ADDR    0x100000    /* contract: loaded at 1 MiB, phys == virt */
+#define PAGE_SIZE           4096
+
+/* ------------------------------------------------------------------ */
+/* Linux boot protocol (Documentation/arch/x86/zero-page.rst, boot.rst) */
+/* ------------------------------------------------------------------ */
+#define BP_HDR_CMD_LINE_PTR 0x228       /* boot_params.hdr.cmd_line_ptr, u32 */
+#define CMDLINE_MAX         1024        /* our copy, NUL included; longer is cut */
+
+/* ------------------------------------------------------------------ */
+/* I/O ports                                                           */
+/* ------------------------------------------------------------------ */
+#define COM1_BASE           0x3F8       /* PC/AT COM1 */
+#define UART_THR            0           /* 8250/16550: transmit holding (DLAB=0) */
+#define UART_DLL            0           /* divisor latch low (DLAB=1) */
+#define UART_IER            1           /* interrupt enable (DLAB=0) */
+#define UART_DLM            1           /* divisor latch high (DLAB=1) */
+#define UART_FCR            2           /* FIFO control */
+#define UART_LCR            3           /* line control; bit 7 = DLAB */
+#define UART_MCR            4           /* modem control */
+#define UART_LSR            5           /* line status */
+#define UART_LSR_THRE       0x20        /* LSR bit 5: THR empty */
+#define UART_LCR_8N1        0x03
+#define UART_LCR_DLAB       0x80
+#define UART_MCR_DTR_RTS    0x03
+#define UART_THRE_SPINS     10000       /* bound on LSR polls per character */
+
+#define PORT_TEST_EXIT      0xF4        /* contract: out byte v -> VM ends, ibsvm exits v */
+
+#define PORT_I8042_STATUS   0x64        /* i8042 status (read) / command (write) */
+#define I8042_STATUS_IBF    0x02        /* status bit 1: input buffer full */
+#define I8042_CMD_RESET     0xFE        /* pulse output port bit 0 = CPU reset */
+#define I8042_IBF_SPINS     10000
+
+#define PORT_PIC1_DATA      0x21        /* 8259A master IMR */
+#define PORT_PIC2_DATA      0xA1        /* 8259A slave IMR */
+
+/* ------------------------------------------------------------------ */
+/* Exit statuses (brief)                                               */
+/* ------------------------------------------------------------------ */
+#define EXIT_PASS           0
+#define EXIT_FAIL           1
+#define EXIT_UNKNOWN_TEST   2
+#define EXIT_EXCEPTION      3
+
+/* ------------------------------------------------------------------ */
+/* Control registers (APM 3.1, SDM 2.5)                                */
+/* ------------------------------------------------------------------ */
+#define CR0_PE              (1 << 0)
+#define CR0_ET              (1 << 4)
+#define CR0_PG              (1 << 31)
+#define CR4_PAE             (1 << 5)
+#define CR4_PCIDE           (1 << 17)
+#define CR4_SMEP            (1 << 20)
+#define CR4_SMAP            (1 << 21)
+#define CR4_PKE             (1 << 22)
+#define RFLAGS_FIXED        0x2         /* bit 1 always set */
+#define RFLAGS_IF           0x200       /* bit 9 */
+
+/* ------------------------------------------------------------------ */
+/* MSRs                                                                */
+/* ------------------------------------------------------------------ */
+#define MSR_APIC_BASE       0x1B        /* IA32_APIC_BASE (SDM 10.4.4, APM 16.3.1) */
+#define APIC_BASE_BSP       (1 << 8)
+#define APIC_BASE_EXTD      (1 << 10)   /* x2APIC mode (SDM 10.12.1) */
+#define APIC_BASE_EN        (1 << 11)
+#define MSR_EFER            0xC0000080  /* APM 3.1.7 */
+#define EFER_SCE            (1 << 0)
+#define EFER_LME            (1 << 8)
+#define EFER_LMA            (1 << 10)
+#define MSR_GS_BASE         0xC0000101  /* APM 4.5.3 */
+
+/* x2APIC registers: MSR 0x800 + (xAPIC MMIO offset >> 4) (SDM 10.12.1.2) */
+#define MSR_X2APIC_ID       0x802
+#define MSR_X2APIC_EOI      0x80B
+#define MSR_X2APIC_SVR      0x80F
+#define MSR_X2APIC_ICR      0x830       /* 64-bit write; dest in 63:32 */
+#define MSR_X2APIC_LVT_LINT0 0x835
+#define MSR_X2APIC_LVT_LINT1 0x836
+/* AMD extended APIC space in x2APIC mode (ibs-device.md, host-kvm.md) */
+#define MSR_X2APIC_EFEAT    0x840
+#define MSR_X2APIC_ECTRL    0x841
+#define MSR_X2APIC_EILVT0   0x850       /* EILVT n = 0x850 + n, n = 0..3 */
+
+#define SVR_APIC_ENABLE     (1 << 8)
+#define SPURIOUS_VECTOR     0xFF
+#define APIC_LVT_MASKED     (1 << 16)
+
+/* ICR low word (SDM 10.6.1) */
+#define ICR_DM_FIXED        (0 << 8)
+#define ICR_DM_NMI          (4 << 8)
+#define ICR_DM_INIT         (5 << 8)
+#define ICR_DM_STARTUP      (6 << 8)
+#define ICR_LEVEL_ASSERT    (1 << 14)
+#define ICR_SH_SELF         (1 << 18)
+#define ICR_SH_ALL_BUT_SELF (3 << 18)
+
+/* AMD IBS (ibs-device.md section 1; Linux msr-index.h) - for IBS tests */
+#define MSR_IBS_FETCH_CTL   0xC0011030
+#define MSR_IBS_FETCH_LINADDR 0xC0011031
+#define MSR_IBS_FETCH_PHYSADDR 0xC0011032
+#define MSR_IBS_OP_CTL      0xC0011033
+#define MSR_IBS_OP_RIP      0xC0011034
+#define MSR_IBS_OP_DATA     0xC0011035
+#define MSR_IBS_OP_DATA2    0xC0011036
+#define MSR_IBS_OP_DATA3    0xC0011037
+#define MSR_IBS_DC_LINADDR  0xC0011038
+#define MSR_IBS_DC_PHYSADDR 0xC0011039
+#define MSR_IBS_CTL         0xC001103A
+
+/* An MSR no one implements: ibsvm answers it with #GP (contract). */
+#define MSR_UNIMPLEMENTED   0xC0DE0001
+
+/* ------------------------------------------------------------------ */
+/* GDT (entry.S builds it; layout chosen here)                         */
+/* ------------------------------------------------------------------ */
+#define KERNEL_CS           0x08        /* 64-bit code, DPL0 (same as the VMM's) */
+#define KERNEL_DS           0x10        /* flat data, DPL0 (same as the VMM's) */
+#define USER_DS             0x1B        /* 0x18 | RPL3: flat data, DPL3 */
+#define USER_CS             0x23        /* 0x20 | RPL3: 64-bit code, DPL3 */
+#define KERNEL_CS32         0x28        /* 32-bit code, DPL0: AP trampoline only */
+#define TSS_SEL_BASE        0x30        /* TSS of cpu i: 0x30 + 16*i (16-byte descriptor) */
+#define GDT_FIXED_BYTES     0x30        /* bytes before the TSS descriptors */
+#define GDT_BYTES           (GDT_FIXED_BYTES + 16 * MAX_CPUS)
+
+/* 64-bit TSS (APM 12.2.5, SDM 7.7) */
+#define TSS_RSP0            4
+#define TSS_IST1            36          /* IST n at 36 + 8*(n-1) */
+#define TSS_IST2            44
+#define TSS_IOPB            102         /* u16 I/O bitmap base */
+#define TSS_SIZE            104
+#define TSS_LIMIT           (TSS_SIZE - 1)
+#define TSS_STRIDE          128         /* per-cpu spacing in our array */
+#define TSS_TYPE_AVAIL64    0x89        /* P=1, DPL0, type 9 = available 64-bit TSS */
+
+#define IST_NMI             1           /* IST index used by vector 2 */
+#define IST_DF              2           /* IST index used by vector 8 */
+
+/* IDT gate: P=1, DPL0, type 0xE (64-bit interrupt gate: clears IF) */
+#define IDT_GATE_INTR       0x8E
+#define IDT_ENTRIES         256
+#define IDT_STUB_ALIGN      16          /* every stub is 16-byte aligned, stub i at base + 16*i */
+
+/* ------------------------------------------------------------------ */
+/* Paging: our own identity map of the first 1 GiB with 2 MiB pages    */
+/* ------------------------------------------------------------------ */
+#define PTE_P               0x001
+#define PTE_RW              0x002
+#define PTE_US              0x004       /* user-accessible: CPL3 test code lives in the kernel image */
+#define PTE_PS              0x080       /* 2 MiB page in a PDE */
+#define PDE_2M_FLAGS        (PTE_P | PTE_RW | PTE_US | PTE_PS)
+#define PTE_TABLE_FLAGS     (PTE_P | PTE_RW | PTE_US)
+#define HUGE_PAGE_SIZE      0x200000
+
+/* ------------------------------------------------------------------ */
+/* CPUs, stacks, per-cpu data                                          */
+/* ------------------------------------------------------------------ */
+#define MAX_CPUS            32          /* ibsvm --cpus allows 1..=32 */
+
+/* Per-cpu stack block in .stack (not zeroed); offsets of each stack's TOP. */
+#define KSTACK_SIZE         16384       /* main kernel stack of the cpu */
+#define RSP0_STACK_SIZE     8192        /* TSS.RSP0: CPL3 -> CPL0 entries */
+#define NMI_STACK_SIZE      8192        /* IST1 */
+#define DF_STACK_SIZE       4096        /* IST2 */
+#define USTACK_SIZE         16384       /* CPL3 stack for run_user */
+#define STACK_BLOCK_SIZE    (KSTACK_SIZE + RSP0_STACK_SIZE + NMI_STACK_SIZE + DF_STACK_SIZE + USTACK_SIZE)
+#define SB_KSTACK_TOP       (KSTACK_SIZE)
+#define SB_RSP0_TOP         (SB_KSTACK_TOP + RSP0_STACK_SIZE)
+#define SB_NMI_TOP          (SB_RSP0_TOP + NMI_STACK_SIZE)
+#define SB_DF_TOP           (SB_NMI_TOP + DF_STACK_SIZE)
+#define SB_USTACK_TOP       (SB_DF_TOP + USTACK_SIZE)
+
+/*
+ * struct percpu (one per cpu, GS base points at it; access as %gs:PC_xxx).
+ * GS is never changed at CPL3 here, so no swapgs is needed.
+ */
+#define PC_SELF             0           /* linear address of this struct */
+#define PC_CPU              8           /* cpu index: 0 = BSP, APs 1.. in start order */
+#define PC_APIC_ID          16          /* x2APIC id (valid once x2APIC is on) */
+#define PC_TSS              24          /* address of this cpu's TSS */
+#define PC_STACKS           32          /* base of this cpu's stack block */
+#define PC_USER_KRSP        40          /* run_user: kernel rsp to resume at */
+#define PC_IN_USER          48          /* 1 while run_user is active */
+#define PC_FAULT_VEC        56          /* last fault recovered through the extable */
+#define PC_FAULT_ERR        64          /*   its error code */
+#define PC_FAULT_RIP        72          /*   its RIP */
+#define PC_FAULT_COUNT      80          /*   number of recovered faults */
+#define PC_NMI_COUNT        88          /* NMIs taken by this cpu */
+#define PC_WORK_FN          96          /* smp_call_on mailbox: function (0 = none) */
+#define PC_WORK_ARG         104         /*   its argument */
+#define PC_ONLINE           112         /* set to 1 when the cpu finished init */
+#define PERCPU_SIZE         256
+
+/* ------------------------------------------------------------------ */
+/* Exception frame built by idt.S (offsets from the frame pointer)     */
+/* ------------------------------------------------------------------ */
+#define FR_R15              0
+#define FR_R14              8
+#define FR_R13              16
+#define FR_R12              24
+#define FR_R11              32
+#define FR_R10              40
+#define FR_R9               48
+#define FR_R8               56
+#define FR_RBP              64
+#define FR_RDI              72
+#define FR_RSI              80
+#define FR_RDX              88
+#define FR_RCX              96
+#define FR_RBX              104
+#define FR_RAX              112
+#define FR_VEC              120
+#define FR_ERR              128
+#define FR_RIP              136         /* hardware frame from here */
+#define FR_CS               144
+#define FR_RFLAGS           152
+#define FR_RSP              160
+#define FR_SS               168
+#define FR_SIZE             176
+
+/* ------------------------------------------------------------------ */
+/* Vectors                                                             */
+/* ------------------------------------------------------------------ */
+#define VEC_DE              0
+#define VEC_NMI             2
+#define VEC_UD              6
+#define VEC_DF              8
+#define VEC_GP              13
+#define VEC_PF              14
+#define VEC_IPI_WAKE        0xF0        /* fixed IPI that wakes an idle AP (smp.S) */
+
+/* rdmsr_safe / wrmsr_safe: %rdx on a fault = FAULT_FLAG | vector */
+#define FAULT_FLAG          0x100
+
+/* ------------------------------------------------------------------ */
+/* AP startup (smp.S)                                                  */
+/* ------------------------------------------------------------------ */
+/*
+ * The real-mode trampoline is copied here; SIPI vector = address >> 12.
+ * 0x8000 lies in conventional memory below the EBDA / MP table area
+ * (0x9FC00) and is not one of the structures we still need after boot
+ * (the zero page is read and the command line copied at entry, the MP
+ * table lives at 0x9FC00 or 0xF0000+, our page tables are in .bss).
+ */
+#define TRAMPOLINE_ADDR     0x8000
+#define SIPI_VECTOR         (TRAMPOLINE_ADDR >> 12)
+
+/* Bounded waits, counted in loop iterations.  CPL0 code is emulated on the
+ * dev hosts (host-kvm.md: ~1.8M instr/s; measured here on a 6-instruction
+ * wait loop with pause: ~6 us per iteration), so 2M iterations is ~10 s
+ * there and milliseconds on hardware.  APs come up in milliseconds. */
+#define SMP_WAIT_LOOPS      2000000
+#define SMP_CALL_LOOPS      2000000
+#define IPI_DELAY_LOOPS     1000        /* between INIT and SIPIs (KVM needs none) */
+#define NMI_WAIT_LOOPS      100000
+#define RESET_WAIT_LOOPS    300000
+#define CONSOLE_LOCK_SPINS  500000
+
+/* Default CPL3 loop length of the smoke test (native: ~2 ms). */
+#define SMOKE_USER_LOOPS    10000000
+#define USER_MAGIC          0x600d      /* returned by user_count_down */
+
+#endif /* TESTKERNEL_DEFS_H */

@@ -1,0 +1,197 @@
+//! Bad input to the real `ibsvm` binary: one clear line on stderr, the right status, no
+//! panic, no hang.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ibsvm_tests::{ibsvm, image, require_kvm, Run};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ibsvm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Exit status `code`, an `ibsvm: error:` line mentioning `needle`, and no panic.
+fn assert_error(run: &Run, code: i32, needle: &str) {
+    assert_eq!(run.code(), code, "{run}");
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("ibsvm: error:"))
+        .unwrap_or_else(|| panic!("no error line\n{run}"));
+    assert!(
+        line.contains(needle),
+        "error line {line:?} lacks {needle:?}\n{run}"
+    );
+    assert!(!run.stderr.contains("panicked"), "{run}");
+    assert!(
+        run.stdout.is_empty(),
+        "nothing should reach the console\n{run}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_error(&ibsvm(&[], DEADLINE), 2, "missing command");
+    assert_error(&ibsvm(&["run"], DEADLINE), 2, "--kernel");
+    assert_error(
+        &ibsvm(&["run", "--kernel", "k", "--bogus"], DEADLINE),
+        2,
+        "unknown option `--bogus`",
+    );
+    assert_error(
+        &ibsvm(&["run", "--kernel", "k", "--cpus", "0"], DEADLINE),
+        2,
+        "--cpus",
+    );
+    assert_error(
+        &ibsvm(&["run", "--kernel", "k", "--cpus", "33"], DEADLINE),
+        2,
+        "expected 1..=32",
+    );
+    assert_error(
+        &ibsvm(&["run", "--kernel", "k", "--memory", "lots"], DEADLINE),
+        2,
+        "--memory",
+    );
+    assert_error(&ibsvm(&["run", "--kernel"], DEADLINE), 2, "needs a value");
+}
+
+#[test]
+fn help_lists_every_option() {
+    let run = ibsvm(&["--help"], DEADLINE);
+    assert_eq!(run.code(), 0);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--stats",
+        "--cpl0-quirks",
+        "0xf4",
+    ] {
+        assert!(run.stdout.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn missing_and_unreadable_files() {
+    require_kvm();
+    assert_error(
+        &ibsvm(&["run", "--kernel", "/nonexistent/vmlinux"], DEADLINE),
+        1,
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+    assert_error(
+        &ibsvm(&["run", "--kernel", "/"], DEADLINE),
+        1,
+        "cannot read kernel /",
+    );
+    let kernel = image("testkernel.elf");
+    let k = kernel.to_str().unwrap();
+    assert_error(
+        &ibsvm(
+            &["run", "--kernel", k, "--initrd", "/nonexistent/initrd"],
+            DEADLINE,
+        ),
+        1,
+        "cannot read initrd",
+    );
+}
+
+#[test]
+fn files_that_are_not_kernels() {
+    require_kvm();
+    let text = scratch("notes.txt", b"this is not a kernel\n");
+    assert_error(
+        &ibsvm(&["run", "--kernel", text.to_str().unwrap()], DEADLINE),
+        1,
+        "not a kernel image",
+    );
+
+    let elf = std::fs::read(image("testkernel.elf")).unwrap();
+    let truncated = scratch("truncated.elf", &elf[..elf.len().min(200)]);
+    assert_error(
+        &ibsvm(&["run", "--kernel", truncated.to_str().unwrap()], DEADLINE),
+        1,
+        "truncated.elf",
+    );
+
+    let mut elf32 = elf.clone();
+    elf32[4] = 1; // ELFCLASS32
+    let elf32 = scratch("class32.elf", &elf32);
+    assert_error(
+        &ibsvm(&["run", "--kernel", elf32.to_str().unwrap()], DEADLINE),
+        1,
+        "not a 64-bit ELF",
+    );
+
+    // A bzImage header with boot protocol 2.01 and no 64-bit entry.
+    let mut bz = vec![0u8; 8192];
+    bz[0x1f1] = 4; // setup_sects
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x0201u16.to_le_bytes());
+    bz[0x211] = 1; // loadflags LOADED_HIGH
+    bz[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    let bz = scratch("old.bzImage", &bz);
+    assert_error(
+        &ibsvm(&["run", "--kernel", bz.to_str().unwrap()], DEADLINE),
+        1,
+        "old.bzImage",
+    );
+}
+
+#[test]
+fn guest_too_large_for_memory() {
+    require_kvm();
+    let kernel = image("testkernel.elf");
+    let big = scratch("big.initrd", &vec![0u8; 20 << 20]);
+    let run = ibsvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            big.to_str().unwrap(),
+            "--memory",
+            "16",
+        ],
+        DEADLINE,
+    );
+    assert_error(&run, 1, "does not fit in guest memory");
+    assert_error(
+        &ibsvm(
+            &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "4"],
+            DEADLINE,
+        ),
+        1,
+        "--memory 4 MiB is out of range",
+    );
+}
+
+#[test]
+fn command_line_too_long() {
+    require_kvm();
+    let kernel = image("testkernel.elf");
+    let long = "x".repeat(4096);
+    assert_error(
+        &ibsvm(
+            &[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--cmdline",
+                &long,
+            ],
+            DEADLINE,
+        ),
+        1,
+        "command line is 4096 bytes",
+    );
+}

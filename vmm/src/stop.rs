@@ -1,0 +1,126 @@
+//! Why a VM stopped, and the exit status `ibsvm` reports for it.
+
+use std::fmt;
+
+/// Exit status when the guest crashed (unexpected triple fault, an instruction the
+/// emulator rejects and ibsvm cannot complete, a failed VM entry).
+pub const EXIT_GUEST_CRASH: u8 = 120;
+/// Exit status when ibsvm itself failed (bad input, KVM errors).
+pub const EXIT_VMM_ERROR: u8 = 1;
+/// Exit status for command-line usage errors.
+pub const EXIT_USAGE: u8 = 2;
+
+/// How a guest crashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrashKind {
+    /// KVM_EXIT_SHUTDOWN with a valid IDT: a triple fault nobody asked for.
+    TripleFault,
+    /// The instruction emulator failed on an instruction ibsvm cannot complete.
+    EmulationFailure {
+        /// The instruction bytes (empty if unknown).
+        insn: Vec<u8>,
+    },
+    /// KVM reported an internal error other than an emulation failure.
+    InternalError {
+        /// KVM_INTERNAL_ERROR_* suberror.
+        suberror: u32,
+    },
+    /// VM entry failed.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// An exit reason ibsvm does not handle.
+    UnhandledExit(String),
+}
+
+impl fmt::Display for CrashKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TripleFault => write!(f, "triple fault"),
+            Self::EmulationFailure { insn } if insn.is_empty() => {
+                write!(
+                    f,
+                    "instruction emulation failed (instruction bytes unknown)"
+                )
+            }
+            Self::EmulationFailure { insn } => {
+                write!(f, "instruction emulation failed on bytes")?;
+                insn.iter().try_for_each(|b| write!(f, " {b:02x}"))
+            }
+            Self::InternalError { suberror } => {
+                write!(f, "KVM internal error, suberror {suberror}")
+            }
+            Self::FailEntry { reason } => write!(f, "VM entry failed, hardware reason {reason:#x}"),
+            Self::UnhandledExit(what) => write!(f, "unhandled exit: {what}"),
+        }
+    }
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestStop {
+    /// The guest wrote `status` to the test-exit port.
+    TestExit(u8),
+    /// The guest asked for a reset (i8042, a deliberate triple fault, KVM system event).
+    Reset(&'static str),
+    /// The guest powered off.
+    PowerOff,
+    /// The guest crashed.
+    Crash {
+        /// Which vCPU.
+        vcpu: u8,
+        /// Guest RIP at the time.
+        rip: u64,
+        /// What happened.
+        kind: CrashKind,
+    },
+}
+
+impl GuestStop {
+    /// The process exit status for this stop.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::TestExit(status) => *status,
+            Self::Reset(_) | Self::PowerOff => 0,
+            Self::Crash { .. } => EXIT_GUEST_CRASH,
+        }
+    }
+}
+
+impl fmt::Display for GuestStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TestExit(s) => write!(f, "guest wrote {s} to the test-exit port"),
+            Self::Reset(how) => write!(f, "guest reset ({how})"),
+            Self::PowerOff => write!(f, "guest powered off"),
+            Self::Crash { vcpu, rip, kind } => {
+                write!(f, "guest crashed on vCPU {vcpu} at RIP {rip:#x}: {kind}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(GuestStop::TestExit(7).exit_status(), 7);
+        assert_eq!(GuestStop::Reset("i8042").exit_status(), 0);
+        assert_eq!(GuestStop::PowerOff.exit_status(), 0);
+        let crash = GuestStop::Crash {
+            vcpu: 1,
+            rip: 0x1000,
+            kind: CrashKind::EmulationFailure {
+                insn: vec![0x0f, 0xb8],
+            },
+        };
+        assert_eq!(crash.exit_status(), EXIT_GUEST_CRASH);
+        assert_eq!(
+            crash.to_string(),
+            "guest crashed on vCPU 1 at RIP 0x1000: instruction emulation failed on bytes 0f b8"
+        );
+    }
+}

@@ -1,0 +1,449 @@
+//! vCPUs: their initial state and the thread loop that runs them.
+
+pub mod completion;
+pub mod exit;
+pub mod guest_walk;
+pub mod kick;
+pub mod syscall_bridge;
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
+};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::cpu;
+use crate::stats::Counters;
+use crate::stop::GuestStop;
+use crate::vm::VmShared;
+use completion::Completion;
+use exit::{dispatch, DispatchPolicy, Exit, MsrHandler, Outcome};
+use syscall_bridge::{gate_target, ExceptionFrame, SyscallBridge, IDT_GATE_SIZE, VECTOR_PF};
+
+/// Local APIC register offsets and LVT delivery modes (Intel SDM vol. 3A §10.5.1).
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0b100 << 8;
+const APIC_MODE_EXTINT: u32 = 0b111 << 8;
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (include/uapi/linux/kvm.h).
+const EMULATION_FLAG_INSN_BYTES: u64 = 1;
+/// MSR C001_0015 HWCR and its bit 24 TscFreqSel, "the TSC increments at the P0 frequency"
+/// (AMD PPR for family 19h; Linux `arch/x86/kernel/cpu/amd.c` warns "[Firmware Bug]: TSC
+/// doesn't count with P0 frequency!" when firmware left it clear). KVM accepts it from
+/// userspace (arch/x86/kvm/x86.c, MSR_K7_HWCR).
+const MSR_K7_HWCR: u32 = 0xc001_0015;
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+/// #BP, vector 3.
+const VECTOR_BP: u8 = 3;
+
+/// Errors setting up or running a vCPU.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A vCPU ioctl failed.
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Ioctl {
+        /// vCPU index.
+        id: u8,
+        /// Which ioctl.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// The guest's state is not what the VMM relies on.
+    #[error("vCPU: {0}")]
+    Guest(String),
+    /// Building an MSR list for KVM_SET_MSRS failed.
+    #[error("cannot build the boot MSR list")]
+    MsrList,
+}
+
+/// One vCPU and what its thread needs.
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+    mem: GuestMemoryMmap,
+    policy: DispatchPolicy,
+    msrs: Box<dyn MsrHandler + Send>,
+    bridge: SyscallBridge,
+    counters: Counters,
+}
+
+impl Vcpu {
+    /// Wraps a created vCPU.
+    pub fn new(
+        fd: VcpuFd,
+        id: u8,
+        mem: GuestMemoryMmap,
+        policy: DispatchPolicy,
+        msrs: Box<dyn MsrHandler + Send>,
+    ) -> Self {
+        Self {
+            fd,
+            id,
+            mem,
+            policy,
+            msrs,
+            bridge: SyscallBridge::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn ioctl_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Ioctl { id, what, source }
+    }
+
+    /// CPUID, local APIC LINT wiring, and for the boot vCPU the 64-bit entry state.
+    pub fn configure(&mut self, cpuid: &CpuId, entry: Option<u64>) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.ioctl_err("KVM_SET_CPUID2"))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.ioctl_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [
+            (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+            (APIC_LVT_LINT1, APIC_MODE_NMI),
+        ] {
+            let reg = &mut lapic.regs[offset..offset + 4];
+            let old = u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
+            let new = (old & !0x700) | mode;
+            for (dst, src) in reg.iter_mut().zip(new.to_le_bytes()) {
+                *dst = src as libc::c_char;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.ioctl_err("KVM_SET_LAPIC"))?;
+        let hwcr = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_K7_HWCR,
+            data: HWCR_TSC_FREQ_SEL,
+            ..Default::default()
+        }])
+        .map_err(|_| VcpuError::MsrList)?;
+        if self
+            .fd
+            .set_msrs(&hwcr)
+            .map_err(self.ioctl_err("KVM_SET_MSRS"))?
+            != 1
+        {
+            log::debug!("vCPU {}: KVM refused HWCR.TscFreqSel", self.id);
+        }
+        if let Some(entry) = entry {
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+            self.fd
+                .set_sregs(&cpu::long_mode_sregs(sregs))
+                .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&cpu::entry_regs(entry))
+                .map_err(self.ioctl_err("KVM_SET_REGS"))?;
+            self.fd
+                .set_fpu(&cpu::reset_fpu())
+                .map_err(self.ioctl_err("KVM_SET_FPU"))?;
+        }
+        // Have KVM copy the general registers into kvm_run on every exit (RIP for crash
+        // reports and completions without a KVM_GET_REGS).
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        Ok(())
+    }
+
+    /// Runs the vCPU until the VM stops; returns its exit counters.
+    pub fn run(mut self, shared: Arc<VmShared>) -> Counters {
+        kick::publish(self.fd.get_kvm_run());
+        while !shared.stopping() {
+            match self.step(&shared) {
+                Ok(Outcome::Resume) => {}
+                Ok(Outcome::Complete(c)) => {
+                    if let Err(e) = self.complete(c) {
+                        shared.fail(e.to_string());
+                    }
+                }
+                Ok(Outcome::SyscallMsr { index, value }) => {
+                    if let Err(e) = self.syscall_msr(index, value) {
+                        shared.fail(e.to_string());
+                    }
+                }
+                Ok(Outcome::BridgeDebug { pc }) => {
+                    if let Err(e) = self.bridge_debug(pc) {
+                        shared.fail(e.to_string());
+                    }
+                }
+                Ok(Outcome::Stop(stop)) => shared.stop(self.locate(stop)),
+                Err(e) => shared.fail(e.to_string()),
+            }
+        }
+        kick::withdraw();
+        self.counters
+    }
+
+    /// Fills in which vCPU and where for a crash.
+    fn locate(&self, stop: GuestStop) -> GuestStop {
+        match stop {
+            GuestStop::Crash { kind, .. } => GuestStop::Crash {
+                vcpu: self.id,
+                rip: self.rip(),
+                kind,
+            },
+            other => other,
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.sync_regs().regs.rip
+    }
+
+    /// One KVM_RUN and its dispatch.
+    fn step(&mut self, shared: &VmShared) -> Result<Outcome, VcpuError> {
+        /// Exits whose dispatch needs more vCPU state than the exit carries.
+        enum Deferred {
+            Shutdown,
+            InternalError,
+        }
+        let pio = shared.devices();
+        let policy = self.policy;
+        let msrs = self.msrs.as_mut();
+        let ran = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => Ok(("exit.io_in", Exit::IoIn { port, data })),
+            Ok(VcpuExit::IoOut(port, data)) => Ok(("exit.io_out", Exit::IoOut { port, data })),
+            Ok(VcpuExit::MmioRead(addr, data)) => Ok(("exit.mmio", Exit::MmioRead { addr, data })),
+            Ok(VcpuExit::MmioWrite(addr, _)) => Ok(("exit.mmio", Exit::MmioWrite { addr })),
+            Ok(VcpuExit::X86Rdmsr(m)) => Ok((
+                "exit.rdmsr",
+                Exit::RdMsr {
+                    index: m.index,
+                    data: m.data,
+                    error: m.error,
+                },
+            )),
+            Ok(VcpuExit::X86Wrmsr(m)) => Ok((
+                "exit.wrmsr",
+                Exit::WrMsr {
+                    index: m.index,
+                    value: m.data,
+                    error: m.error,
+                },
+            )),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Ok(("exit.system_event", Exit::SystemEvent(kind)))
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => Ok(("exit.fail_entry", Exit::FailEntry(reason))),
+            Ok(VcpuExit::Hlt) => Ok(("exit.hlt", Exit::Hlt)),
+            Ok(VcpuExit::Debug(d)) => Ok((
+                "exit.debug",
+                Exit::Debug {
+                    pc: d.pc,
+                    dr6: d.dr6,
+                },
+            )),
+            Ok(VcpuExit::Intr) => Ok(("exit.intr", Exit::Interrupted)),
+            Ok(VcpuExit::Shutdown) => Err(Deferred::Shutdown),
+            Ok(VcpuExit::InternalError) => Err(Deferred::InternalError),
+            Ok(other) => Ok(("exit.other", Exit::Other(format!("{other:?}")))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(("exit.kick", Exit::Interrupted))
+            }
+            Err(source) => {
+                return Err(VcpuError::Ioctl {
+                    id: self.id,
+                    what: "KVM_RUN",
+                    source,
+                })
+            }
+        };
+        let (name, outcome) = match ran {
+            Ok((name, exit)) => (name, dispatch(exit, pio, msrs, policy)),
+            Err(Deferred::Shutdown) => {
+                let idt_limit = self
+                    .fd
+                    .get_sregs()
+                    .map_err(self.ioctl_err("KVM_GET_SREGS"))?
+                    .idt
+                    .limit;
+                (
+                    "exit.shutdown",
+                    dispatch(
+                        Exit::Shutdown { idt_limit },
+                        pio,
+                        self.msrs.as_mut(),
+                        policy,
+                    ),
+                )
+            }
+            Err(Deferred::InternalError) => {
+                let (suberror, insn) = self.internal_error();
+                (
+                    "exit.internal_error",
+                    dispatch(
+                        Exit::InternalError { suberror, insn },
+                        pio,
+                        self.msrs.as_mut(),
+                        policy,
+                    ),
+                )
+            }
+        };
+        if name == "exit.kick" {
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        self.counters.bump(name);
+        Ok(outcome)
+    }
+
+    /// The suberror of a KVM_EXIT_INTERNAL_ERROR and, for emulation failures, the
+    /// instruction bytes (from the exit if KVM supplied them, else from guest memory).
+    fn internal_error(&mut self) -> (u32, Vec<u8>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` and
+        // `emulation_failure` members of the union are the ones KVM wrote.
+        let (suberror, failure) = unsafe {
+            (
+                run.__bindgen_anon_1.internal.suberror,
+                run.__bindgen_anon_1.emulation_failure,
+            )
+        };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return (suberror, Vec::new());
+        }
+        if failure.flags & EMULATION_FLAG_INSN_BYTES != 0 {
+            // SAFETY: KVM sets the flag only when it filled insn_size/insn_bytes.
+            let bytes = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+            let n = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+            if n > 0 {
+                return (suberror, bytes.insn_bytes[..n].to_vec());
+            }
+        }
+        let mut buf = [0u8; 15];
+        let n = match self.fd.get_sregs() {
+            Ok(sregs) => guest_walk::read_virt(&self.mem, sregs.cr3, self.rip(), &mut buf),
+            Err(_) => 0,
+        };
+        (suberror, buf[..n].to_vec())
+    }
+
+    /// Writes LSTAR/SFMASK through for the guest and arms the #PF breakpoint once LSTAR is set.
+    fn syscall_msr(&mut self, index: u32, value: u64) -> Result<(), VcpuError> {
+        let msr = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data: value,
+            ..Default::default()
+        }])
+        .map_err(|_| VcpuError::MsrList)?;
+        self.fd
+            .set_msrs(&msr)
+            .map_err(self.ioctl_err("KVM_SET_MSRS"))?;
+        if self.bridge.record_msr(index, value) {
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+            let mut gate = [0u8; IDT_GATE_SIZE as usize];
+            let gate_va = sregs.idt.base + VECTOR_PF * IDT_GATE_SIZE;
+            if guest_walk::read_virt(&self.mem, sregs.cr3, gate_va, &mut gate) != gate.len() {
+                return Err(VcpuError::Guest(format!(
+                    "cannot read the guest's #PF gate at {gate_va:#x}"
+                )));
+            }
+            let entry = gate_target(&gate);
+            if self.bridge.pf_entry.is_none() {
+                log::info!(
+                    "vCPU {}: routing guest system calls through the #PF entry at {entry:#x}",
+                    self.id
+                );
+            }
+            self.bridge.pf_entry = Some(entry);
+            self.bridge.stepping = false;
+            self.set_debug(false)?;
+        }
+        Ok(())
+    }
+
+    /// Guest debug: the hardware breakpoint on the #PF entry, or one single step.
+    fn set_debug(&mut self, single_step: bool) -> Result<(), VcpuError> {
+        let mut dbg = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE,
+            ..Default::default()
+        };
+        if single_step {
+            dbg.control |= KVM_GUESTDBG_SINGLESTEP;
+        } else if let Some(entry) = self.bridge.pf_entry {
+            dbg.control |= KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[0] = entry;
+            // DR7 bit 0 L0: breakpoint 0 enabled; R/W0 = 00 and LEN0 = 00: instruction fetch
+            // (SDM vol. 3B §17.2.4).
+            dbg.arch.debugreg[7] = 1;
+        }
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG"))
+    }
+
+    /// A bridge debug exit: complete a SYSCALL, or step over an ordinary #PF entry.
+    fn bridge_debug(&mut self, pc: u64) -> Result<(), VcpuError> {
+        if self.bridge.stepping {
+            self.bridge.stepping = false;
+            return self.set_debug(false);
+        }
+        if Some(pc) != self.bridge.pf_entry {
+            return Err(VcpuError::Guest(format!(
+                "debug exit at {pc:#x}, not at the #PF entry"
+            )));
+        }
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        let rsp = self.fd.sync_regs().regs.rsp;
+        let mut bytes = [0u8; ExceptionFrame::SIZE];
+        if guest_walk::read_virt(&self.mem, sregs.cr3, rsp, &mut bytes) != bytes.len() {
+            return Err(VcpuError::Guest(format!(
+                "cannot read the #PF frame at {rsp:#x}"
+            )));
+        }
+        match self.bridge.syscall_entry(&ExceptionFrame::parse(&bytes)) {
+            Some(entry) => {
+                let regs = &mut self.fd.sync_regs_mut().regs;
+                (regs.rip, regs.rsp, regs.rflags) = (entry.rip, entry.rsp, entry.rflags);
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.counters.bump("syscall.routed");
+                Ok(())
+            }
+            None => {
+                self.counters.bump("syscall.pf_stepped");
+                self.bridge.stepping = true;
+                self.set_debug(true)
+            }
+        }
+    }
+
+    /// Completes an instruction the emulator rejected (see [`completion`]).
+    fn complete(&mut self, c: Completion) -> Result<(), VcpuError> {
+        let regs = &mut self.fd.sync_regs_mut().regs;
+        regs.rip = regs.rip.wrapping_add(u64::from(c.len()));
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.counters.bump(c.counter());
+        if c == Completion::Int3 {
+            // KVM_SET_VCPU_EVENTS always writes the interrupt and NMI state too: start from
+            // the current state so that only the exception changes.
+            let mut events = self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+            events.exception.injected = 1;
+            events.exception.nr = VECTOR_BP;
+            events.exception.has_error_code = 0;
+            events.flags = 0;
+            self.fd
+                .set_vcpu_events(&events)
+                .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"))?;
+        }
+        Ok(())
+    }
+}

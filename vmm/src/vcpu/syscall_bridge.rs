@@ -1,0 +1,199 @@
+//! Routing guest system calls into the guest kernel on hosts whose KVM does not.
+//!
+//! On a host whose KVM emulates guest CPL0 (see `crate::host`), a `SYSCALL` executed by
+//! guest userspace jumps to the kernel's entry point (MSR LSTAR) **without** switching to
+//! CPL0: the instruction fetch at LSTAR then faults as a user-mode #PF on a supervisor
+//! page, and the kernel kills the process (measured: shared/docs/host-kvm.md).
+//!
+//! ibsvm completes the SYSCALL itself. It watches the guest's writes of LSTAR and SFMASK
+//! (an MSR filter sends them to userspace; ibsvm writes them through with
+//! `KVM_SET_MSRS`), and once LSTAR is set it puts a hardware breakpoint on the guest's #PF
+//! entry point (IDT vector 14). When it fires:
+//! - if the faulting RIP is LSTAR and the faulting CS has RPL 3, the #PF is a SYSCALL that
+//!   did not enter the kernel: ibsvm finishes the architectural SYSCALL (AMD APM vol. 3
+//!   "SYSCALL": RFLAGS ← RFLAGS & ~SFMASK, RIP ← LSTAR, RSP unchanged; RCX and R11 were
+//!   already written by the host) by pointing RIP at LSTAR with the user RSP and masked
+//!   RFLAGS, still at CPL0 where the #PF delivery left the vCPU;
+//! - otherwise it is an ordinary page fault: ibsvm single-steps the handler's first
+//!   instruction (breakpoints here re-trigger even with RFLAGS.RF set) and re-arms.
+
+/// MSR C000_0082 LSTAR: the 64-bit SYSCALL target.
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+/// MSR C000_0084 SFMASK: RFLAGS bits SYSCALL clears.
+pub const MSR_SFMASK: u32 = 0xc000_0084;
+/// RFLAGS bit 16 RF (resume flag).
+const RFLAGS_RF: u64 = 1 << 16;
+/// RFLAGS bit 1 is reserved and reads as 1.
+const RFLAGS_FIXED: u64 = 1 << 1;
+/// #PF, vector 14.
+pub const VECTOR_PF: u64 = 14;
+/// Size of a long-mode IDT gate (SDM vol. 3A §6.14.1).
+pub const IDT_GATE_SIZE: u64 = 16;
+
+/// The frame the CPU pushes for an exception with an error code in long mode, lowest
+/// address first (SDM vol. 3A figure 6-9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExceptionFrame {
+    /// Error code.
+    pub error: u64,
+    /// Faulting RIP.
+    pub rip: u64,
+    /// Faulting CS.
+    pub cs: u64,
+    /// RFLAGS at the fault.
+    pub rflags: u64,
+    /// RSP at the fault.
+    pub rsp: u64,
+    /// SS at the fault.
+    pub ss: u64,
+}
+
+impl ExceptionFrame {
+    /// Bytes the frame occupies.
+    pub const SIZE: usize = 48;
+
+    /// Decodes the frame from the bytes at the handler's RSP.
+    pub fn parse(bytes: &[u8; Self::SIZE]) -> Self {
+        let q = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        Self {
+            error: q(0),
+            rip: q(1),
+            cs: q(2),
+            rflags: q(3),
+            rsp: q(4),
+            ss: q(5),
+        }
+    }
+}
+
+/// The handler address in a long-mode interrupt gate (offset 15:0, 31:16, 63:32).
+pub fn gate_target(gate: &[u8; IDT_GATE_SIZE as usize]) -> u64 {
+    u64::from(u16::from_le_bytes([gate[0], gate[1]]))
+        | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
+        | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32
+}
+
+/// Registers that complete a SYSCALL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyscallEntry {
+    /// LSTAR.
+    pub rip: u64,
+    /// The user stack pointer (SYSCALL leaves RSP alone).
+    pub rsp: u64,
+    /// RFLAGS & ~SFMASK, RF clear.
+    pub rflags: u64,
+}
+
+/// Per-vCPU state of the bridge.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyscallBridge {
+    lstar: u64,
+    sfmask: u64,
+    /// The #PF entry point the breakpoint is on, once armed.
+    pub pf_entry: Option<u64>,
+    /// Single-stepping over the #PF handler's first instruction.
+    pub stepping: bool,
+}
+
+impl SyscallBridge {
+    /// Records a guest write of LSTAR or SFMASK; returns whether the breakpoint should
+    /// now be (re)armed (LSTAR got a non-zero value).
+    pub fn record_msr(&mut self, index: u32, value: u64) -> bool {
+        match index {
+            MSR_LSTAR => {
+                self.lstar = value;
+                value != 0
+            }
+            MSR_SFMASK => {
+                self.sfmask = value;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// What a #PF with `frame` is: `Some(entry)` for a SYSCALL to complete.
+    pub fn syscall_entry(&self, frame: &ExceptionFrame) -> Option<SyscallEntry> {
+        (self.lstar != 0 && frame.rip == self.lstar && frame.cs & 3 == 3).then(|| SyscallEntry {
+            rip: self.lstar,
+            rsp: frame.rsp,
+            rflags: (frame.rflags & !self.sfmask & !RFLAGS_RF) | RFLAGS_FIXED,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LSTAR: u64 = 0xffff_ffff_8160_0080;
+
+    fn frame(rip: u64, cs: u64) -> ExceptionFrame {
+        ExceptionFrame {
+            error: 0x15,
+            rip,
+            cs,
+            rflags: 0x10246 | RFLAGS_RF,
+            rsp: 0x7ffd_0000,
+            ss: 0x2b,
+        }
+    }
+
+    fn bridge() -> SyscallBridge {
+        let mut b = SyscallBridge::default();
+        assert!(!b.record_msr(MSR_SFMASK, 0x47700));
+        assert!(b.record_msr(MSR_LSTAR, LSTAR));
+        b
+    }
+
+    #[test]
+    fn a_user_fault_at_lstar_is_a_syscall() {
+        let entry = bridge().syscall_entry(&frame(LSTAR, 0x33)).unwrap();
+        assert_eq!(entry.rip, LSTAR);
+        assert_eq!(entry.rsp, 0x7ffd_0000);
+        // IF (bit 9) and the other SFMASK bits cleared, RF cleared, bit 1 set.
+        assert_eq!(entry.rflags, 0x10246 & !0x47700 | 2);
+        assert_eq!(entry.rflags & RFLAGS_RF, 0);
+    }
+
+    #[test]
+    fn other_faults_are_ordinary() {
+        let b = bridge();
+        assert_eq!(
+            b.syscall_entry(&frame(LSTAR, 0x10)),
+            None,
+            "kernel-mode fault at LSTAR"
+        );
+        assert_eq!(
+            b.syscall_entry(&frame(0x40_1000, 0x33)),
+            None,
+            "user fault elsewhere"
+        );
+        assert_eq!(
+            SyscallBridge::default().syscall_entry(&frame(0, 0x33)),
+            None,
+            "LSTAR not set yet"
+        );
+    }
+
+    #[test]
+    fn frames_and_gates_decode() {
+        let mut bytes = [0u8; ExceptionFrame::SIZE];
+        for (i, v) in [4u64, LSTAR, 0x33, 0x246, 0x7ffd_0000, 0x2b]
+            .iter()
+            .enumerate()
+        {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let f = ExceptionFrame::parse(&bytes);
+        assert_eq!(
+            (f.error, f.rip, f.cs, f.rflags, f.rsp, f.ss),
+            (4, LSTAR, 0x33, 0x246, 0x7ffd_0000, 0x2b)
+        );
+        // asm_exc_page_fault at 0xffffffff81a00a70 through selector 0x10, present interrupt gate.
+        let gate = [
+            0x70, 0x0a, 0x10, 0x00, 0x00, 0x8e, 0xa0, 0x81, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+        ];
+        assert_eq!(gate_target(&gate), 0xffff_ffff_81a0_0a70);
+    }
+}

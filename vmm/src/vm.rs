@@ -1,0 +1,470 @@
+//! A VM: KVM objects, guest memory, devices and vCPU threads, from start-up to the end.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, BootSpec};
+use crate::cpuid::{self, CpuidPolicy};
+use crate::devices::serial::{self, StdinForwarder, COM1_IRQ};
+use crate::devices::PioDevices;
+use crate::host::{HostKvm, CPL0_EMULATION_LINUX_PARAMS};
+use crate::layout::KVM_TSS;
+use crate::memory::{self, MemoryError};
+use crate::stats::{Counters, RunStats};
+use crate::stop::GuestStop;
+use crate::vcpu::exit::{DispatchPolicy, MsrHandler};
+use crate::vcpu::syscall_bridge::{MSR_LSTAR, MSR_SFMASK};
+use crate::vcpu::{kick, Vcpu, VcpuError};
+
+/// Capabilities ibsvm cannot run without, and why.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "in-kernel interrupt controllers"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "serial interrupts"),
+    (Cap::UserNmi, "NMI injection"),
+    (Cap::VcpuEvents, "completing int3"),
+    (Cap::ImmediateExit, "kicking vCPUs"),
+    (Cap::SyncRegs, "reading RIP on exits"),
+    (Cap::X86UserSpaceMsr, "MSR emulation in userspace"),
+];
+
+/// When to apply what a guest needs on a host whose KVM emulates CPL0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuirkMode {
+    /// Detect the host.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+/// Everything `ibsvm run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// What to boot.
+    pub boot: BootSpec,
+    /// CPL0-emulation measures.
+    pub quirks: QuirkMode,
+}
+
+/// Errors before or while running the VM (not guest behaviour: that is a [`GuestStop`]).
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A capability ibsvm needs is missing.
+    #[error("host KVM lacks {cap:?}, needed for {why}")]
+    MissingCap {
+        /// The capability.
+        cap: Cap,
+        /// What it is needed for.
+        why: &'static str,
+    },
+    /// A VM-level ioctl failed.
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        /// Which ioctl.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Host resources (eventfds, threads, epoll).
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being set up.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The VMM failed while the guest ran.
+    #[error("{0}")]
+    Runtime(String),
+    /// `--cpus` out of range.
+    #[error("--cpus {0}: must be 1..={max}", max = boot::mptable::MAX_CPUS)]
+    CpuCount(u8),
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Host { what, source }
+}
+
+fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VmEnd {
+    Guest(GuestStop),
+    Failed(String),
+}
+
+/// State shared by the vCPU threads and the main thread.
+pub struct VmShared {
+    devices: PioDevices,
+    end: Mutex<Option<VmEnd>>,
+    stopping: AtomicBool,
+    wake: EventFd,
+}
+
+impl VmShared {
+    /// The port-I/O devices.
+    pub fn devices(&self) -> &PioDevices {
+        &self.devices
+    }
+
+    /// Whether the VM is ending.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn end_with(&self, end: VmEnd) {
+        if let Ok(mut slot) = self.end.lock() {
+            slot.get_or_insert(end);
+        }
+        self.stopping.store(true, Ordering::Release);
+        // The main loop wakes up and kicks the other vCPUs.
+        let _ = self.wake.write(1);
+    }
+
+    /// Ends the VM because of the guest (the first reason wins).
+    pub fn stop(&self, stop: GuestStop) {
+        self.end_with(VmEnd::Guest(stop));
+    }
+
+    /// Ends the VM because ibsvm itself failed.
+    pub fn fail(&self, why: String) {
+        self.end_with(VmEnd::Failed(why));
+    }
+}
+
+/// Wakes the event loop when a vCPU ends the VM.
+struct WakeOnStop(EventFd);
+
+impl MutEventSubscriber for WakeOnStop {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the stop eventfd: {e}");
+        }
+    }
+}
+
+/// The result of a VM run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Why the guest stopped.
+    pub stop: GuestStop,
+    /// Exit counts and timing.
+    pub stats: RunStats,
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    shared: Arc<VmShared>,
+    vcpus: Vec<Vcpu>,
+    started: Instant,
+}
+
+/// The MSR handler of a VM without userspace-emulated MSRs: every MSR that reaches
+/// userspace is one KVM would have refused, so the guest gets #GP.
+struct NoMsrs;
+
+impl MsrHandler for NoMsrs {
+    fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
+        None
+    }
+    fn wrmsr(&mut self, _: u32, _: u64) -> Option<Result<(), ()>> {
+        None
+    }
+}
+
+/// The command line the guest gets: the user's, plus what a CPL0-emulating host needs for a
+/// Linux kernel (only parameters not already given). Returns it and what was added.
+pub fn guest_cmdline(user: &str, linux_on_cpl0_emulation: bool) -> (String, Vec<&'static str>) {
+    let mut cmdline = user.trim().to_owned();
+    let mut added = Vec::new();
+    if linux_on_cpl0_emulation {
+        for (param, _) in CPL0_EMULATION_LINUX_PARAMS {
+            let key = param.split('=').next().unwrap_or(param);
+            let present = cmdline
+                .split_whitespace()
+                .any(|w| w.split('=').next() == Some(key));
+            if !present {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(param);
+                added.push(*param);
+            }
+        }
+    }
+    (cmdline, added)
+}
+
+/// Sends guest writes of LSTAR and SFMASK to userspace (the syscall bridge); everything
+/// else stays with KVM.
+fn install_msr_filter(kvm: &Kvm, vm: &VmFd) -> Result<(), VmError> {
+    if !kvm.check_extension(Cap::X86MsrFilter) {
+        return Err(VmError::MissingCap {
+            cap: Cap::X86MsrFilter,
+            why: "routing system calls",
+        });
+    }
+    // One bit per MSR from LSTAR: 1 = KVM handles it, 0 = exit to userspace.
+    // C000_0082 LSTAR: exit; C000_0083 CSTAR: KVM; C000_0084 SFMASK: exit.
+    let bitmap = [0b010u8];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::WRITE,
+        base: MSR_LSTAR,
+        msr_count: 3,
+        bitmap: &bitmap,
+    };
+    debug_assert_eq!(MSR_SFMASK, MSR_LSTAR + 2);
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and prepares the vCPUs.
+    pub fn build(config: &VmConfig) -> Result<Self, VmError> {
+        let started = Instant::now();
+        let spec = &config.boot;
+        if spec.cpus == 0 || spec.cpus > boot::mptable::MAX_CPUS {
+            return Err(VmError::CpuCount(spec.cpus));
+        }
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, why) in REQUIRED_CAPS {
+            if !kvm.check_extension(*cap) {
+                return Err(VmError::MissingCap { cap: *cap, why });
+            }
+        }
+        let host = HostKvm::detect();
+        let emulated_cpl0 = match config.quirks {
+            QuirkMode::Auto => host.emulates_cpl0,
+            QuirkMode::On => true,
+            QuirkMode::Off => false,
+        };
+
+        let mem = memory::create(spec.memory_mib)?;
+        let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS as usize)
+            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live anonymous mapping owned by `mem`, which the vCPUs
+            // keep (by clone) for as long as the VM exists.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        // MSR accesses KVM would refuse (#GP) come to userspace: the x2APIC extended LVT
+        // registers arrive this way (reason INVAL), and vCPUs answer the rest with #GP.
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(
+            KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER,
+        );
+        vm.enable_cap(&cap)
+            .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        if emulated_cpl0 {
+            install_msr_filter(&kvm, &vm)?;
+        }
+
+        let kernel = boot::load_kernel(&mem, spec)?;
+        let (cmdline, added) = guest_cmdline(&spec.cmdline, emulated_cpl0 && kernel.is_linux);
+        if emulated_cpl0 {
+            let why = match config.quirks {
+                QuirkMode::Auto => host.evidence.as_str(),
+                _ => "--cpl0-quirks on",
+            };
+            let params = if added.is_empty() {
+                String::new()
+            } else {
+                format!("; appended to the kernel command line: {}", added.join(" "))
+            };
+            log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences and routing system calls in ibsvm{params}");
+        }
+        boot::write_boot_data(&mem, spec, &kernel, &cmdline)?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial irq eventfd"))?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(ioctl_err("KVM_IRQFD(COM1)"))?;
+        let console = serial::console(irq).map_err(host_err("serial console"))?;
+        let shared = Arc::new(VmShared {
+            devices: PioDevices::new(console),
+            end: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("stop eventfd"))?,
+        });
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let policy = DispatchPolicy {
+            complete_instructions: emulated_cpl0,
+            syscall_bridge: emulated_cpl0,
+        };
+        let mut vcpus = Vec::with_capacity(spec.cpus.into());
+        for id in 0..spec.cpus {
+            let fd = vm
+                .create_vcpu(id.into())
+                .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::normalize(
+                cpuid.as_mut_slice(),
+                CpuidPolicy {
+                    apic_id: id,
+                    cpus: spec.cpus,
+                    hide_cx16: emulated_cpl0,
+                },
+            );
+            let mut vcpu = Vcpu::new(fd, id, mem.clone(), policy, Box::new(NoMsrs));
+            vcpu.configure(&cpuid, (id == 0).then_some(kernel.entry))?;
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            _kvm: kvm,
+            _vm: vm,
+            shared,
+            vcpus,
+            started,
+        })
+    }
+
+    /// Runs the guest to its end.
+    pub fn run(self) -> Result<RunReport, VmError> {
+        kick::install_handler().map_err(|e| VmError::Host {
+            what: "kick signal handler",
+            source: e.into(),
+        })?;
+        let mut events =
+            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|e| {
+                VmError::Host {
+                    what: "event manager",
+                    source: std::io::Error::other(format!("{e:?}")),
+                }
+            })?;
+        let wake = self
+            .shared
+            .wake
+            .try_clone()
+            .map_err(host_err("stop eventfd"))?;
+        events.add_subscriber(Arc::new(Mutex::new(WakeOnStop(wake))));
+        let stdin = StdinForwarder::new(self.shared.devices().serial().clone())
+            .map_err(host_err("stdin forwarding"))?;
+        events.add_subscriber(Arc::new(Mutex::new(stdin)));
+
+        let mut threads: Vec<JoinHandle<Counters>> = Vec::new();
+        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+            let shared = self.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run(shared))
+                .map_err(host_err("spawning a vCPU thread"));
+            match handle {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    self.shared.fail(e.to_string());
+                    break;
+                }
+            }
+        }
+        while !self.shared.stopping() {
+            if let Err(e) = events.run() {
+                self.shared.fail(format!("event loop: {e:?}"));
+            }
+        }
+        for t in &threads {
+            kick::kick(t.as_pthread_t());
+        }
+        let mut exits = Counters::default();
+        for t in threads {
+            match t.join() {
+                Ok(c) => exits.merge(&c),
+                Err(_) => self.shared.fail("a vCPU thread panicked".into()),
+            }
+        }
+        serial::flush_console(self.shared.devices().serial());
+        let stats = RunStats {
+            exits,
+            wall: self.started.elapsed(),
+        };
+        let end = self.shared.end.lock().ok().and_then(|mut e| e.take());
+        match end {
+            Some(VmEnd::Guest(stop)) => Ok(RunReport { stop, stats }),
+            Some(VmEnd::Failed(why)) => Err(VmError::Runtime(why)),
+            None => Err(VmError::Runtime("the VM ended without a reason".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linux_params_are_appended_once() {
+        let (c, added) = guest_cmdline("console=ttyS0", true);
+        assert!(c.starts_with("console=ttyS0 noxsave clearcpuid="));
+        assert_eq!(added.len(), CPL0_EMULATION_LINUX_PARAMS.len());
+        let (c2, added2) = guest_cmdline(&c, true);
+        assert_eq!(c2, c);
+        assert!(added2.is_empty());
+        // A user's own clearcpuid wins.
+        let (c3, added3) = guest_cmdline("clearcpuid=1", true);
+        assert_eq!(c3, "clearcpuid=1 noxsave");
+        assert_eq!(added3, vec!["noxsave"]);
+    }
+
+    #[test]
+    fn nothing_is_appended_elsewhere() {
+        assert_eq!(
+            guest_cmdline(" test=smoke ", false),
+            ("test=smoke".to_owned(), vec![])
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! # vpmu — a virtual AMD IBS PMU
+//!
+//! A per-vCPU model of AMD Instruction-Based Sampling (fetch and op sampling units, their
+//! MSRs, the IBS capability CPUID leaf, and the AMD extended-APIC LVT entries that route the
+//! IBS interrupt), embeddable by any VMM. It knows nothing about KVM: the embedder passes MSR
+//! indices and values, CPUID entries, sample points (guest RIP and run time), and injects the
+//! [`Interrupt`]s the device hands back. See `README.md` for the embedding glue and the threat
+//! model, and `docs/ibs-device.md` of the ibsvm project for the behaviour it implements.
+//!
+//! A typical vCPU loop:
+//! 1. [`patch_cpuid`] (or [`hide_ibs`]) on the CPUID table, [`Vpmu::new`] per vCPU;
+//! 2. MSR exits for [`is_vpmu_msr`] indices → [`Vpmu::rdmsr`] / [`Vpmu::wrmsr`], `Err` → #GP;
+//! 3. stop the vCPU by [`Vpmu::next_deadline`] and call [`Vpmu::sample_point`];
+//! 4. before re-entering the guest, [`Vpmu::take_interrupt`] and inject it
+//!    ([`Vpmu::nmi_injected`] after an NMI);
+//! 5. after MSR writes, [`Vpmu::take_race`]; any time, [`Vpmu::stats`];
+//! 6. snapshots with [`Vpmu::save_state`] / [`Vpmu::restore_state`].
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod apic;
+pub mod caps;
+pub mod cpuid;
+pub mod device;
+pub mod msr;
+pub mod policy;
+pub mod source;
+pub mod state;
+pub mod stats;
+pub mod unit;
+
+pub use apic::{ApicError, Interrupt};
+pub use caps::{CapBit, Caps, CapsError};
+pub use cpuid::{hide_ibs, patch_cpuid, CpuidEntry, CpuidPatch, FamilyModel};
+pub use device::{MsrError, Vpmu, VpmuConfig};
+pub use msr::{is_ext_apic_msr, is_ibs_msr, is_vpmu_msr, EXT_APIC_MSRS, IBS_MSR_RANGE};
+pub use policy::{GuestContext, NmiEvidence, NoGuestContext, Policy, RaceCheck, RaceEvent};
+pub use source::synthetic::{SyntheticConfig, SyntheticError, SyntheticSource};
+pub use source::{
+    Arm, Epoch, FetchSample, OpSample, Sample, SamplePoint, SampleRegs, SampleSink, SampleSource,
+};
+pub use state::{StateError, UnitState, VpmuState};
+pub use stats::{DropReason, Stats};
+pub use unit::UnitKind;
