@@ -6,13 +6,13 @@ OUT        := guest-images/out
 TESTKERNEL := $(OUT)/testkernel.elf
 LINUX_DIR  := $(OUT)/linux
 
-# Kernel parameters for the stock Linux guest. ibsvm itself appends what a host whose KVM
-# emulates guest CPL0 needs (noxsave, clearcpuid=...); these are the guest's console and
-# platform settings (no ACPI/PCI in this VM).
-LINUX_CMDLINE ?= console=ttyS0 panic=-1 reboot=k nokaslr pci=off acpi=off io_delay=none 8250.nr_uarts=1 \
-	tsc=reliable no_timer_check mitigations=off
+# Kernel parameters for the stock Linux guest: console, platform (no ACPI/PCI in this VM)
+# and boot-time settings, explained in guest-images/linux/README.md. ibsvm itself appends
+# what a host whose KVM emulates guest CPL0 needs (noxsave, clearcpuid=...).
+LINUX_CMDLINE ?= $(shell cat guest-images/linux/cmdline)
+CPUS          ?= 1
 
-.PHONY: all build images testkernel linux-image run run-linux test lint unit-test integration-test bench clean
+.PHONY: all build images testkernel linux-image run run-linux test lint bench clean
 
 all: build images
 
@@ -27,18 +27,20 @@ linux-image:
 
 images: testkernel linux-image
 
-## make run: boot the default guest (the small test kernel) and show what it reports.
+## make run: boot the default guest (the test kernel) profiling itself with virtual IBS.
 run: build testkernel
-	$(IBSVM) run --kernel $(TESTKERNEL) --cmdline "test=smoke" --stats
+	$(IBSVM) run --kernel $(TESTKERNEL) --cmdline "test=ibs-demo"
 
-## make run-linux: boot Debian's stock kernel with the guest checks in its initramfs.
+## make run-linux [CPUS=2]: boot Debian's stock kernel with the guest checks in its initramfs.
 run-linux: build linux-image
 	$(IBSVM) run --kernel $(LINUX_DIR)/vmlinux --initrd $(LINUX_DIR)/initramfs.cpio \
-		--cmdline "$(LINUX_CMDLINE)" --stats
+		--cmdline "$(LINUX_CMDLINE)" --cpus $(CPUS) --stats
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	cd guest-images/linux/checks && $(CARGO) fmt -- --check && \
+		$(CARGO) clippy --release --locked --target x86_64-unknown-linux-gnu --all-targets -- -D warnings
 
 ## make test: everything — lint, unit tests, and guests booted under real KVM.
 test: build images lint

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::boot::BootSpec;
+use crate::ibs::{IbsMode, IbsSettings};
 use crate::vm::{QuirkMode, VmConfig};
 
 /// `ibsvm --help`.
@@ -23,16 +24,36 @@ Options of `run`:
   --cpus N              number of vCPUs, 1..=32 (default 1)
   --stats               when the VM ends, print exit counts and wall time to stderr
   --cpl0-quirks MODE    auto|on|off (default auto): on hosts whose KVM emulates guest
-                        CPL0 code, hide CPUID CX16, complete int3/fwait/fences in ibsvm
-                        and append the parameters a Linux guest needs
+                        CPL0 code, hide CPUID CX16, complete int3/fwait/fences, route
+                        system calls, and append the parameters a Linux guest needs
   -h, --help            this text
+
+Virtual IBS (AMD Instruction-Based Sampling) options:
+  --ibs MODE            auto|off|synthetic|host (default auto). auto: the host's IBS
+                        when it has one and this build can use it, else synthetic
+                        (one line says which). off: no IBS in CPUID, IBS MSRs #GP.
+                        synthetic: ibsvm samples the vCPU itself (any host).
+  --ibs-caps CAPS       capabilities advertised in CPUID Fn8000_001B: a profile
+                        (old = 0x1f, zen2/zen3 = 0x3ff, zen4 = 0xbff) or a hex word
+                        (default zen3)
+  --ibs-policy POLICY   protect|faithful (default protect). protect: a guest write to
+                        a CTL never leaves Val set, so a guest without Linux fix
+                        1b044ff3c17e can never see a stale IbsOpVal. faithful: a
+                        written Val is kept, as hardware does (reproduces the race)
+  --ibs-race-check MODE off|warn|fail (default off; faithful policy only): report a
+                        guest enabling a unit from its NMI handler after reading a
+                        stale Val; fail ends the VM with status 121
+  --ibs-seed N          seed of the synthetic sampler (deterministic samples)
+  --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
+                        (default 1.0: a period of MaxCnt*16 ops lasts that many ns)
 
 The console is COM1 (ttyS0) on stdin/stdout. A guest ends the VM by writing a byte
 to I/O port 0xf4.
 
 Exit status:
   the byte the guest wrote to port 0xf4; 0 after a guest reset or power-off;
-  120 if the guest crashed (diagnostic on stderr); 1 if ibsvm failed; 2 usage error
+  120 if the guest crashed (diagnostic on stderr); 121 if --ibs-race-check fail caught
+  the guest in the IBS race; 1 if ibsvm failed; 2 usage error
 ";
 
 /// What the command line asks for.
@@ -74,7 +95,7 @@ pub enum UsageError {
         /// The value.
         value: String,
         /// What is expected.
-        why: &'static str,
+        why: String,
     },
     /// --kernel not given.
     #[error("`run` needs --kernel PATH")]
@@ -84,11 +105,11 @@ pub enum UsageError {
     Repeated(String),
 }
 
-fn bad(flag: &str, value: &str, why: &'static str) -> UsageError {
+fn bad(flag: &str, value: &str, why: impl ToString) -> UsageError {
     UsageError::BadValue {
         flag: flag.into(),
         value: value.into(),
-        why,
+        why: why.to_string(),
     }
 }
 
@@ -104,6 +125,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     }
 }
 
+/// A decimal or 0x-prefixed hexadecimal number.
+fn parse_u64(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
 fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
     let mut kernel = None;
     let mut initrd = None;
@@ -111,6 +140,12 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
     let mut memory = None;
     let mut cpus = None;
     let mut quirks = None;
+    let mut ibs_mode = None;
+    let mut ibs_caps = None;
+    let mut ibs_policy = None;
+    let mut ibs_race = None;
+    let mut ibs_seed = None;
+    let mut ibs_scale = None;
     let mut stats = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -177,9 +212,60 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
                 };
                 set(&mut quirks, &flag, mode)?
             }
+            "--ibs" => {
+                let v = slot_value(&mut args)?;
+                let mode = match v.as_str() {
+                    "auto" => IbsMode::Auto,
+                    "off" => IbsMode::Off,
+                    "synthetic" => IbsMode::Synthetic,
+                    "host" => IbsMode::Host,
+                    _ => return Err(bad(&flag, &v, "expected auto, off, synthetic or host")),
+                };
+                set(&mut ibs_mode, &flag, mode)?
+            }
+            "--ibs-caps" => {
+                let v = slot_value(&mut args)?;
+                let caps = v.parse::<vpmu::Caps>().map_err(|e| bad(&flag, &v, e))?;
+                set(&mut ibs_caps, &flag, caps)?
+            }
+            "--ibs-policy" => {
+                let v = slot_value(&mut args)?;
+                let policy = v.parse::<vpmu::Policy>().map_err(|e| bad(&flag, &v, e))?;
+                set(&mut ibs_policy, &flag, policy)?
+            }
+            "--ibs-race-check" => {
+                let v = slot_value(&mut args)?;
+                let check = v
+                    .parse::<vpmu::RaceCheck>()
+                    .map_err(|e| bad(&flag, &v, e))?;
+                set(&mut ibs_race, &flag, check)?
+            }
+            "--ibs-seed" => {
+                let v = slot_value(&mut args)?;
+                let seed = parse_u64(&v).ok_or_else(|| bad(&flag, &v, "expected a number"))?;
+                set(&mut ibs_seed, &flag, seed)?
+            }
+            "--ibs-scale" => {
+                let v = slot_value(&mut args)?;
+                let scale = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| bad(&flag, &v, "expected guest nanoseconds per op, > 0"))?;
+                set(&mut ibs_scale, &flag, scale)?
+            }
             _ => return Err(UsageError::UnknownOption(arg)),
         }
     }
+    let defaults = IbsSettings::default();
+    let ibs = IbsSettings {
+        mode: ibs_mode.unwrap_or(defaults.mode),
+        caps: ibs_caps.unwrap_or(defaults.caps),
+        policy: ibs_policy.unwrap_or(defaults.policy),
+        race_check: ibs_race.unwrap_or(defaults.race_check),
+        seed: ibs_seed.unwrap_or(defaults.seed),
+        ns_per_op: ibs_scale.unwrap_or(defaults.ns_per_op),
+    };
     let boot = BootSpec {
         kernel: kernel.ok_or(UsageError::NoKernel)?,
         initrd,
@@ -191,6 +277,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
         config: VmConfig {
             boot,
             quirks: quirks.unwrap_or(QuirkMode::Auto),
+            ibs,
         },
         stats,
     })
@@ -245,6 +332,60 @@ mod tests {
             (512, 2, true)
         );
         assert_eq!(config.quirks, QuirkMode::Off);
+    }
+
+    #[test]
+    fn ibs_options() {
+        let Command::Run { config, .. } = p(&[
+            "run",
+            "--kernel",
+            "k",
+            "--ibs",
+            "synthetic",
+            "--ibs-caps",
+            "zen4",
+            "--ibs-policy",
+            "faithful",
+            "--ibs-race-check",
+            "fail",
+            "--ibs-seed",
+            "0x10",
+            "--ibs-scale",
+            "2.5",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        let ibs = config.ibs;
+        assert_eq!(ibs.mode, IbsMode::Synthetic);
+        assert_eq!(ibs.caps, vpmu::Caps::PROFILE_ZEN4);
+        assert_eq!(ibs.policy, vpmu::Policy::Faithful);
+        assert_eq!(ibs.race_check, vpmu::RaceCheck::Fail);
+        assert_eq!((ibs.seed, ibs.ns_per_op), (16, 2.5));
+        let Command::Run { config, .. } =
+            p(&["run", "--kernel", "k", "--ibs-caps", "0x1f"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(config.ibs.caps.bits(), 0x1f);
+        assert_eq!(config.ibs.mode, IbsMode::Auto);
+        assert_eq!(config.ibs.policy, vpmu::Policy::Protect);
+        for bad_args in [
+            &["--ibs", "on"][..],
+            &["--ibs-caps", "0x7ff"], // OPDATA4
+            &["--ibs-caps", "zen9"],
+            &["--ibs-policy", "lenient"],
+            &["--ibs-race-check", "maybe"],
+            &["--ibs-seed", "x"],
+            &["--ibs-scale", "0"],
+        ] {
+            let mut args = vec!["run", "--kernel", "k"];
+            args.extend_from_slice(bad_args);
+            assert!(
+                matches!(p(&args), Err(UsageError::BadValue { .. })),
+                "{bad_args:?}"
+            );
+        }
     }
 
     #[test]

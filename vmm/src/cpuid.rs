@@ -67,6 +67,50 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], policy: CpuidPolicy) {
     }
 }
 
+/// The table with the virtual IBS PMU advertised with `caps`, or hidden when `None`; and the
+/// family/model change `vpmu` made, if any (see `vpmu::patch_cpuid`).
+pub fn with_ibs(
+    entries: &[kvm_cpuid_entry2],
+    caps: Option<vpmu::Caps>,
+) -> (
+    Vec<kvm_cpuid_entry2>,
+    Option<(vpmu::FamilyModel, vpmu::FamilyModel)>,
+) {
+    let mut plain: Vec<vpmu::CpuidEntry> = entries
+        .iter()
+        .map(|e| vpmu::CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect();
+    let family_model = match caps {
+        Some(caps) => vpmu::patch_cpuid(&mut plain, caps).family_model,
+        None => {
+            vpmu::hide_ibs(&mut plain);
+            None
+        }
+    };
+    let out = plain
+        .iter()
+        .map(|e| kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        })
+        .collect();
+    (out, family_model)
+}
+
 /// Looks up a leaf.
 pub fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
     entries
@@ -147,6 +191,25 @@ mod tests {
         );
         assert_eq!(find(&t, 1, 0).unwrap().ecx & LEAF1_ECX_CX16, 0);
         assert_eq!(find(&t, 0x8000_0008, 0).unwrap().ecx & 0xf0ff, 0);
+    }
+
+    #[test]
+    fn ibs_is_advertised_or_hidden() {
+        let mut t = table();
+        t.push(entry(0x8000_0000, 0, 0x8000_0021, 0, 0, 0));
+        t.push(entry(0x8000_0001, 0, 0, 0, 0, 0));
+        t.push(entry(0x8000_001b, 0, 0, 0, 0, 0));
+        let (with, _) = with_ibs(&t, Some(vpmu::Caps::PROFILE_ZEN3));
+        assert_eq!(find(&with, 0x8000_001b, 0).unwrap().eax, 0x3ff);
+        assert_eq!(
+            find(&with, 0x8000_0001, 0).unwrap().ecx & (1 << 10 | 1 << 3),
+            1 << 10 | 1 << 3
+        );
+        assert_eq!(with.len(), t.len(), "edited in place");
+        let (without, fm) = with_ibs(&with, None);
+        assert_eq!(find(&without, 0x8000_001b, 0).unwrap().eax, 0);
+        assert_eq!(find(&without, 0x8000_0001, 0).unwrap().ecx & (1 << 10), 0);
+        assert_eq!(fm, None);
     }
 
     #[test]

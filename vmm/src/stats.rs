@@ -11,7 +11,12 @@ pub struct Counters(BTreeMap<&'static str, u64>);
 impl Counters {
     /// Adds one to `name`.
     pub fn bump(&mut self, name: &'static str) {
-        *self.0.entry(name).or_default() += 1;
+        self.add(name, 1);
+    }
+
+    /// Adds `n` to `name`.
+    pub fn add(&mut self, name: &'static str, n: u64) {
+        *self.0.entry(name).or_default() += n;
     }
 
     /// Adds `other` into `self`.

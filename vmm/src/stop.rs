@@ -5,6 +5,8 @@ use std::fmt;
 /// Exit status when the guest crashed (unexpected triple fault, an instruction the
 /// emulator rejects and ibsvm cannot complete, a failed VM entry).
 pub const EXIT_GUEST_CRASH: u8 = 120;
+/// Exit status when `--ibs-race-check fail` caught the guest kernel in the IBS race.
+pub const EXIT_IBS_RACE: u8 = 121;
 /// Exit status when ibsvm itself failed (bad input, KVM errors).
 pub const EXIT_VMM_ERROR: u8 = 1;
 /// Exit status for command-line usage errors.
@@ -66,6 +68,13 @@ pub enum GuestStop {
     Reset(&'static str),
     /// The guest powered off.
     PowerOff,
+    /// `--ibs-race-check fail`: the guest kernel hit the stale-Val IBS race.
+    IbsRace {
+        /// Which vCPU.
+        vcpu: u8,
+        /// The device's report.
+        report: String,
+    },
     /// The guest crashed.
     Crash {
         /// Which vCPU.
@@ -84,6 +93,7 @@ impl GuestStop {
             Self::TestExit(status) => *status,
             Self::Reset(_) | Self::PowerOff => 0,
             Self::Crash { .. } => EXIT_GUEST_CRASH,
+            Self::IbsRace { .. } => EXIT_IBS_RACE,
         }
     }
 }
@@ -94,6 +104,7 @@ impl fmt::Display for GuestStop {
             Self::TestExit(s) => write!(f, "guest wrote {s} to the test-exit port"),
             Self::Reset(how) => write!(f, "guest reset ({how})"),
             Self::PowerOff => write!(f, "guest powered off"),
+            Self::IbsRace { vcpu, report } => write!(f, "vCPU {vcpu}: {report}"),
             Self::Crash { vcpu, rip, kind } => {
                 write!(f, "guest crashed on vCPU {vcpu} at RIP {rip:#x}: {kind}")
             }

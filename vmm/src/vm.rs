@@ -1,6 +1,7 @@
 //! A VM: KVM objects, guest memory, devices and vCPU threads, from start-up to the end.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -8,9 +9,9 @@ use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
-    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use thiserror::Error;
@@ -22,13 +23,16 @@ use crate::cpuid::{self, CpuidPolicy};
 use crate::devices::serial::{self, StdinForwarder, COM1_IRQ};
 use crate::devices::PioDevices;
 use crate::host::{HostKvm, CPL0_EMULATION_LINUX_PARAMS};
-use crate::layout::KVM_TSS;
+use crate::ibs::vcpu::VcpuIbs;
+use crate::ibs::{self, IbsBackend, IbsSelectError, IbsSettings};
+use crate::layout::{KVM_TSS, LAPIC_BASE};
 use crate::memory::{self, MemoryError};
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
-use crate::vcpu::exit::{DispatchPolicy, MsrHandler};
-use crate::vcpu::syscall_bridge::{MSR_LSTAR, MSR_SFMASK};
+use crate::vcpu::exit::DispatchPolicy;
+use crate::vcpu::syscall_bridge::{PfTrap, MSR_LSTAR, MSR_SFMASK};
 use crate::vcpu::{kick, Vcpu, VcpuError};
+use vpmu::IBS_MSR_RANGE;
 
 /// Capabilities ibsvm cannot run without, and why.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -60,6 +64,8 @@ pub struct VmConfig {
     pub boot: BootSpec,
     /// CPL0-emulation measures.
     pub quirks: QuirkMode,
+    /// The virtual IBS PMU.
+    pub ibs: IbsSettings,
 }
 
 /// Errors before or while running the VM (not guest behaviour: that is a [`GuestStop`]).
@@ -104,6 +110,12 @@ pub enum VmError {
     /// The VMM failed while the guest ran.
     #[error("{0}")]
     Runtime(String),
+    /// The IBS source cannot be used.
+    #[error(transparent)]
+    Ibs(#[from] IbsSelectError),
+    /// Bad synthetic-source settings.
+    #[error(transparent)]
+    Synthetic(#[from] vpmu::SyntheticError),
     /// `--cpus` out of range.
     #[error("--cpus {0}: must be 1..={max}", max = boot::mptable::MAX_CPUS)]
     CpuCount(u8),
@@ -126,6 +138,8 @@ enum VmEnd {
 
 /// State shared by the vCPU threads and the main thread.
 pub struct VmShared {
+    vm: VmFd,
+    pf_trap: Mutex<Option<PfTrap>>,
     devices: PioDevices,
     end: Mutex<Option<VmEnd>>,
     stopping: AtomicBool,
@@ -136,6 +150,23 @@ impl VmShared {
     /// The port-I/O devices.
     pub fn devices(&self) -> &PioDevices {
         &self.devices
+    }
+
+    /// Sends a fixed interrupt with `vector` to the local APIC `apic_id` (an MSI, Intel SDM
+    /// vol. 3A §10.11: address 0xFEEx_x000 with the destination ID in bits 19:12, data =
+    /// vector with fixed delivery, edge-triggered).
+    pub fn send_fixed_interrupt(&self, apic_id: u8, vector: u8) -> Result<(), kvm_ioctls::Error> {
+        let msi = kvm_msi {
+            address_lo: (LAPIC_BASE as u32) | (u32::from(apic_id) << 12),
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        self.vm.signal_msi(msi).map(drop)
+    }
+
+    /// How the syscall bridge traps the guest's #PF entry (decided by the first vCPU).
+    pub fn pf_trap(&self) -> &Mutex<Option<PfTrap>> {
+        &self.pf_trap
     }
 
     /// Whether the VM is ending.
@@ -189,23 +220,9 @@ pub struct RunReport {
 /// A VM ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
     shared: Arc<VmShared>,
     vcpus: Vec<Vcpu>,
     started: Instant,
-}
-
-/// The MSR handler of a VM without userspace-emulated MSRs: every MSR that reaches
-/// userspace is one KVM would have refused, so the guest gets #GP.
-struct NoMsrs;
-
-impl MsrHandler for NoMsrs {
-    fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
-        None
-    }
-    fn wrmsr(&mut self, _: u32, _: u64) -> Option<Result<(), ()>> {
-        None
-    }
 }
 
 /// The command line the guest gets: the user's, plus what a CPL0-emulating host needs for a
@@ -231,26 +248,50 @@ pub fn guest_cmdline(user: &str, linux_on_cpl0_emulation: bool) -> (String, Vec<
     (cmdline, added)
 }
 
-/// Sends guest writes of LSTAR and SFMASK to userspace (the syscall bridge); everything
-/// else stays with KVM.
-fn install_msr_filter(kvm: &Kvm, vm: &VmFd) -> Result<(), VmError> {
+/// Sends the MSRs ibsvm emulates to userspace; everything else stays with KVM.
+/// - the IBS range C001_1030..C001_103F, read and write, when the guest has IBS;
+/// - guest writes of LSTAR and SFMASK, for the syscall bridge.
+fn install_msr_filter(
+    kvm: &Kvm,
+    vm: &VmFd,
+    ibs: bool,
+    syscall_bridge: bool,
+) -> Result<(), VmError> {
+    if !ibs && !syscall_bridge {
+        return Ok(());
+    }
     if !kvm.check_extension(Cap::X86MsrFilter) {
         return Err(VmError::MissingCap {
             cap: Cap::X86MsrFilter,
-            why: "routing system calls",
+            why: "emulating MSRs in userspace",
         });
     }
-    // One bit per MSR from LSTAR: 1 = KVM handles it, 0 = exit to userspace.
-    // C000_0082 LSTAR: exit; C000_0083 CSTAR: KVM; C000_0084 SFMASK: exit.
-    let bitmap = [0b010u8];
-    let range = MsrFilterRange {
-        flags: MsrFilterRangeFlags::WRITE,
-        base: MSR_LSTAR,
-        msr_count: 3,
-        bitmap: &bitmap,
-    };
+    // One bit per MSR: 1 = KVM handles it, 0 = exit to userspace.
+    let ibs_bitmap = [0u8; 2];
+    // From C000_0082: LSTAR exits, CSTAR (C000_0083) stays with KVM, SFMASK exits.
+    let syscall_bitmap = [0b010u8];
     debug_assert_eq!(MSR_SFMASK, MSR_LSTAR + 2);
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+    let ibs_count = IBS_MSR_RANGE.end() - IBS_MSR_RANGE.start() + 1;
+    let mut ranges = Vec::new();
+    if ibs {
+        let flags = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+        ranges.push(MsrFilterRange {
+            flags,
+            base: *IBS_MSR_RANGE.start(),
+            msr_count: ibs_count,
+            bitmap: &ibs_bitmap,
+        });
+    }
+    if syscall_bridge {
+        let flags = MsrFilterRangeFlags::WRITE;
+        ranges.push(MsrFilterRange {
+            flags,
+            base: MSR_LSTAR,
+            msr_count: 3,
+            bitmap: &syscall_bitmap,
+        });
+    }
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(ioctl_err("KVM_X86_SET_MSR_FILTER"))
 }
 
@@ -310,9 +351,15 @@ impl Vm {
         );
         vm.enable_cap(&cap)
             .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-        if emulated_cpl0 {
-            install_msr_filter(&kvm, &vm)?;
+        let (ibs_backend, ibs_note) = ibs::select(
+            config.ibs.mode,
+            ibs::host_has_ibs(Path::new(ibs::PMU_SYSFS)),
+        )?;
+        if let Some(note) = ibs_note {
+            log::info!("{note}");
         }
+        let ibs_on = ibs_backend != IbsBackend::Off;
+        install_msr_filter(&kvm, &vm, ibs_on, emulated_cpl0)?;
 
         let kernel = boot::load_kernel(&mem, spec)?;
         let (cmdline, added) = guest_cmdline(&spec.cmdline, emulated_cpl0 && kernel.is_linux);
@@ -335,6 +382,8 @@ impl Vm {
             .map_err(ioctl_err("KVM_IRQFD(COM1)"))?;
         let console = serial::console(irq).map_err(host_err("serial console"))?;
         let shared = Arc::new(VmShared {
+            vm,
+            pf_trap: Mutex::new(None),
             devices: PioDevices::new(console),
             end: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -350,25 +399,35 @@ impl Vm {
         };
         let mut vcpus = Vec::with_capacity(spec.cpus.into());
         for id in 0..spec.cpus {
-            let fd = vm
+            let fd = shared
+                .vm
                 .create_vcpu(id.into())
                 .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::normalize(
-                cpuid.as_mut_slice(),
-                CpuidPolicy {
-                    apic_id: id,
-                    cpus: spec.cpus,
-                    hide_cx16: emulated_cpl0,
-                },
-            );
-            let mut vcpu = Vcpu::new(fd, id, mem.clone(), policy, Box::new(NoMsrs));
+            let mut entries = supported.as_slice().to_vec();
+            let topology = CpuidPolicy {
+                apic_id: id,
+                cpus: spec.cpus,
+                hide_cx16: emulated_cpl0,
+            };
+            cpuid::normalize(&mut entries, topology);
+            let (entries, family_model) =
+                cpuid::with_ibs(&entries, ibs_on.then_some(config.ibs.caps));
+            if let (0, Some((before, after))) = (id, family_model) {
+                log::info!("CPUID {before} takes a Linux IBS erratum path: the guest sees {after}");
+            }
+            let cpuid = CpuId::from_entries(&entries)
+                .map_err(|_| VmError::Runtime("CPUID table too large".into()))?;
+            let ibs = if ibs_on {
+                Some(VcpuIbs::new(&config.ibs, id)?)
+            } else {
+                None
+            };
+            let mut vcpu = Vcpu::new(fd, id, mem.clone(), policy, ibs);
             vcpu.configure(&cpuid, (id == 0).then_some(kernel.entry))?;
             vcpus.push(vcpu);
         }
         Ok(Self {
             _kvm: kvm,
-            _vm: vm,
             shared,
             vcpus,
             started,

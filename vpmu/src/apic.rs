@@ -3,8 +3,8 @@
 //! EFEAT (0x840) is read-only and reports 4 extended LVT entries; ECTRL (0x841) reads 0 and
 //! accepts only legal values (no extended feature is offered, so only 0); EILVT0–3
 //! (0x850–0x853) reset to masked and store what the guest writes. Valid EILVT bits: vector
-//! [7:0], message type [10:8], delivery status [12] (read-only, reads 0, writes ignored) and
-//! mask [16]; any other bit set in a write is #GP, as is any bit in [63:32] of any of these
+//! \[7:0\], message type \[10:8\], delivery status \[12\] (read-only, reads 0, writes ignored) and
+//! mask \[16\]; any other bit set in a write is #GP, as is any bit in \[63:32\] of any of these
 //! MSRs (x2APIC registers are 32 bits wide).
 
 use crate::msr::{
@@ -48,7 +48,7 @@ pub enum Interrupt {
     Nmi,
     /// Message type 0: inject a fixed interrupt with this vector (16..=255).
     Fixed {
-        /// The vector from EILVT[7:0].
+        /// The vector from EILVT\[7:0\].
         vector: u8,
     },
 }

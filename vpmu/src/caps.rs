@@ -44,7 +44,7 @@ cap_bits! {
     OPCNT = 4;
     /// Bit 5: IBS_BR_TARGET exists (perf_event.h `IBS_CAPS_BRNTRGT`).
     BRNTRGT = 5;
-    /// Bit 6: IBS_OP_CTL MaxCnt[22:16] in bits 26:20 (perf_event.h `IBS_CAPS_OPCNTEXT`).
+    /// Bit 6: IBS_OP_CTL MaxCnt\[22:16\] in bits 26:20 (perf_event.h `IBS_CAPS_OPCNTEXT`).
     OPCNTEXT = 6;
     /// Bit 7: IBS_OP_DATA RipInvalid is valid (perf_event.h `IBS_CAPS_RIPINVALIDCHK`).
     RIPINVALIDCHK = 7;

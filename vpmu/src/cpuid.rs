@@ -47,18 +47,18 @@ pub const LEAF_EXT_MAX: u32 = 0x8000_0000;
 pub const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 /// Fn8000_001B: IBS capabilities.
 pub const LEAF_IBS: u32 = 0x8000_001B;
-/// Fn8000_0001 ECX[10] IBS (Linux cpufeatures.h `X86_FEATURE_IBS`, word 6 bit 10).
+/// Fn8000_0001 ECX\[10\] IBS (Linux cpufeatures.h `X86_FEATURE_IBS`, word 6 bit 10).
 pub const EXT_ECX_IBS: u32 = 1 << 10;
-/// Fn8000_0001 ECX[3] ExtApicSpace (Linux cpufeatures.h `X86_FEATURE_EXTAPIC`, word 6 bit 3).
+/// Fn8000_0001 ECX\[3\] ExtApicSpace (Linux cpufeatures.h `X86_FEATURE_EXTAPIC`, word 6 bit 3).
 pub const EXT_ECX_EXTAPIC: u32 = 1 << 3;
 
 /// Family and model decoded from Fn0000_0001 EAX (AMD APM vol. 3, CPUID Fn0000_0001 EAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FamilyModel {
-    /// Effective family: BaseFamily[11:8] + ExtFamily[27:20] when BaseFamily is 0xF.
+    /// Effective family: BaseFamily\[11:8\] + ExtFamily\[27:20\] when BaseFamily is 0xF.
     pub family: u32,
-    /// Effective model: ExtModel[19:16] << 4 | BaseModel[7:4] when BaseFamily is 0xF.
+    /// Effective model: ExtModel\[19:16\] << 4 | BaseModel\[7:4\] when BaseFamily is 0xF.
     pub model: u32,
 }
 
@@ -141,7 +141,7 @@ fn entry_mut(entries: &mut Vec<CpuidEntry>, function: u32) -> &mut CpuidEntry {
     &mut entries[pos]
 }
 
-/// Advertise IBS with `caps`: Fn8000_0001 ECX[10] IBS and [3] ExtApicSpace set, Fn8000_0000
+/// Advertise IBS with `caps`: Fn8000_0001 ECX\[10\] IBS and \[3\] ExtApicSpace set, Fn8000_0000
 /// EAX raised to at least 0x8000001B, Fn8000_001B EAX = caps with EBX/ECX/EDX = 0 (edited in
 /// place, or added when absent), and Fn0000_0001 family/model moved out of Linux's
 /// erratum ranges (module docs). Entries are matched on subleaf 0.
@@ -166,7 +166,7 @@ pub fn patch_cpuid(entries: &mut Vec<CpuidEntry>, caps: crate::Caps) -> CpuidPat
     patch
 }
 
-/// Make sure the guest sees no IBS (`--ibs off`): clear Fn8000_0001 ECX[10] and zero
+/// Make sure the guest sees no IBS (`--ibs off`): clear Fn8000_0001 ECX\[10\] and zero
 /// Fn8000_001B if present. ExtApicSpace and the max leaf are left as they were.
 pub fn hide_ibs(entries: &mut [CpuidEntry]) {
     for e in entries.iter_mut() {

@@ -322,6 +322,13 @@ impl<S: SampleSource> Vpmu<S> {
         self.source.disarm(kind);
     }
 
+    /// Tells the source the vCPU's current guest run time (ns, the clock of
+    /// [`SamplePoint::guest_ns`]). Call it before [`Vpmu::wrmsr`] so that a period the
+    /// write starts is measured from the write.
+    pub fn set_guest_time(&mut self, guest_ns: u64) {
+        self.source.set_guest_time(guest_ns);
+    }
+
     /// Guest time (ns) at which the source wants a sample point; the embedder should make the
     /// vCPU exit by then (e.g. a timer that kicks it) and call [`Vpmu::sample_point`].
     pub fn next_deadline(&self) -> Option<u64> {

@@ -9,7 +9,8 @@
 //!
 //! A typical vCPU loop:
 //! 1. [`patch_cpuid`] (or [`hide_ibs`]) on the CPUID table, [`Vpmu::new`] per vCPU;
-//! 2. MSR exits for [`is_vpmu_msr`] indices → [`Vpmu::rdmsr`] / [`Vpmu::wrmsr`], `Err` → #GP;
+//! 2. MSR exits for [`is_vpmu_msr`] indices → [`Vpmu::rdmsr`] / [`Vpmu::wrmsr`], `Err` → #GP
+//!    ([`Vpmu::set_guest_time`] first, so that periods start at the write);
 //! 3. stop the vCPU by [`Vpmu::next_deadline`] and call [`Vpmu::sample_point`];
 //! 4. before re-entering the guest, [`Vpmu::take_interrupt`] and inject it
 //!    ([`Vpmu::nmi_injected`] after an NMI);

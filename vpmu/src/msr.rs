@@ -135,33 +135,33 @@ pub(crate) const fn bits(hi: u32, lo: u32) -> u64 {
 // IBS_FETCH_CTL (amd-ibs.h `union ibs_fetch_ctl`, perf_event.h IBS_FETCH_*, spec §1)
 // ---------------------------------------------------------------------------------------------
 
-/// IBS_FETCH_CTL[15:0] IbsFetchMaxCnt, period / 16 (perf_event.h `IBS_FETCH_MAX_CNT`).
+/// IBS_FETCH_CTL\[15:0\] IbsFetchMaxCnt, period / 16 (perf_event.h `IBS_FETCH_MAX_CNT`).
 pub const FETCH_MAX_CNT: u64 = bits(15, 0);
-/// IBS_FETCH_CTL[31:16] IbsFetchCnt (perf_event.h `IBS_FETCH_CNT`).
+/// IBS_FETCH_CTL\[31:16\] IbsFetchCnt (perf_event.h `IBS_FETCH_CNT`).
 pub const FETCH_CNT: u64 = bits(31, 16);
 /// Shift of IbsFetchCnt.
 pub const FETCH_CNT_SHIFT: u32 = 16;
-/// IBS_FETCH_CTL[47:32] IbsFetchLat (amd-ibs.h `fetch_lat`).
+/// IBS_FETCH_CTL\[47:32\] IbsFetchLat (amd-ibs.h `fetch_lat`).
 pub const FETCH_LAT: u64 = bits(47, 32);
-/// IBS_FETCH_CTL[48] IbsFetchEn (perf_event.h `IBS_FETCH_ENABLE`).
+/// IBS_FETCH_CTL\[48\] IbsFetchEn (perf_event.h `IBS_FETCH_ENABLE`).
 pub const FETCH_EN: u64 = bit(48);
-/// IBS_FETCH_CTL[49] IbsFetchVal (perf_event.h `IBS_FETCH_VAL`).
+/// IBS_FETCH_CTL\[49\] IbsFetchVal (perf_event.h `IBS_FETCH_VAL`).
 pub const FETCH_VAL: u64 = bit(49);
-/// IBS_FETCH_CTL[50] IbsFetchComp (amd-ibs.h `fetch_comp`).
+/// IBS_FETCH_CTL\[50\] IbsFetchComp (amd-ibs.h `fetch_comp`).
 pub const FETCH_COMP: u64 = bit(50);
-/// IBS_FETCH_CTL[51] IbsIcMiss (amd-ibs.h `ic_miss`).
+/// IBS_FETCH_CTL\[51\] IbsIcMiss (amd-ibs.h `ic_miss`).
 pub const FETCH_IC_MISS: u64 = bit(51);
-/// IBS_FETCH_CTL[52] IbsPhyAddrValid (amd-ibs.h `phy_addr_valid`): read-as-zero, write-ignored.
+/// IBS_FETCH_CTL\[52\] IbsPhyAddrValid (amd-ibs.h `phy_addr_valid`): read-as-zero, write-ignored.
 pub const FETCH_PHY_ADDR_VALID: u64 = bit(52);
-/// IBS_FETCH_CTL[56:53] L1TlbPgSz, L1TlbMiss, L2TlbMiss (amd-ibs.h `l1tlb_pgsz`..`l2tlb_miss`).
+/// IBS_FETCH_CTL\[56:53\] L1TlbPgSz, L1TlbMiss, L2TlbMiss (amd-ibs.h `l1tlb_pgsz`..`l2tlb_miss`).
 pub const FETCH_TLB_INFO: u64 = bits(56, 53);
-/// IBS_FETCH_CTL[57] IbsRandEn (perf_event.h `IBS_FETCH_RAND_EN`).
+/// IBS_FETCH_CTL\[57\] IbsRandEn (perf_event.h `IBS_FETCH_RAND_EN`).
 pub const FETCH_RAND_EN: u64 = bit(57);
-/// IBS_FETCH_CTL[58] IbsL2Miss (amd-ibs.h `fetch_l2_miss`).
+/// IBS_FETCH_CTL\[58\] IbsL2Miss (amd-ibs.h `fetch_l2_miss`).
 pub const FETCH_L2_MISS: u64 = bit(58);
-/// IBS_FETCH_CTL[59] IbsL3MissOnly, Zen 4 (perf_event.h `IBS_FETCH_L3MISSONLY`).
+/// IBS_FETCH_CTL\[59\] IbsL3MissOnly, Zen 4 (perf_event.h `IBS_FETCH_L3MISSONLY`).
 pub const FETCH_L3_MISS_ONLY: u64 = bit(59);
-/// IBS_FETCH_CTL[61:60] IbsOpCacheMiss, IbsL3Miss (amd-ibs.h `fetch_oc_miss`, `fetch_l3_miss`).
+/// IBS_FETCH_CTL\[61:60\] IbsOpCacheMiss, IbsL3Miss (amd-ibs.h `fetch_oc_miss`, `fetch_l3_miss`).
 /// They arrived with the Zen 4 extensions; this device accepts them only with caps ZEN4.
 pub const FETCH_ZEN4_STATUS: u64 = bits(61, 60);
 // IBS_FETCH_CTL[63:62] reserved (amd-ibs.h `reserved:2`).
@@ -170,30 +170,30 @@ pub const FETCH_ZEN4_STATUS: u64 = bits(61, 60);
 // IBS_OP_CTL (amd-ibs.h `union ibs_op_ctl`, perf_event.h IBS_OP_*, spec §1)
 // ---------------------------------------------------------------------------------------------
 
-/// IBS_OP_CTL[15:0] IbsOpMaxCnt[15:0], period / 16 (perf_event.h `IBS_OP_MAX_CNT`).
+/// IBS_OP_CTL\[15:0\] IbsOpMaxCnt\[15:0\], period / 16 (perf_event.h `IBS_OP_MAX_CNT`).
 pub const OP_MAX_CNT: u64 = bits(15, 0);
-/// IBS_OP_CTL[16] IbsOpL3MissOnly, Zen 4 (perf_event.h `IBS_OP_L3MISSONLY`).
+/// IBS_OP_CTL\[16\] IbsOpL3MissOnly, Zen 4 (perf_event.h `IBS_OP_L3MISSONLY`).
 pub const OP_L3_MISS_ONLY: u64 = bit(16);
-/// IBS_OP_CTL[17] IbsOpEn (perf_event.h `IBS_OP_ENABLE`).
+/// IBS_OP_CTL\[17\] IbsOpEn (perf_event.h `IBS_OP_ENABLE`).
 pub const OP_EN: u64 = bit(17);
-/// IBS_OP_CTL[18] IbsOpVal (perf_event.h `IBS_OP_VAL`).
+/// IBS_OP_CTL\[18\] IbsOpVal (perf_event.h `IBS_OP_VAL`).
 pub const OP_VAL: u64 = bit(18);
-/// IBS_OP_CTL[19] IbsOpCntCtl: 0 counts cycles, 1 counts dispatched ops
+/// IBS_OP_CTL\[19\] IbsOpCntCtl: 0 counts cycles, 1 counts dispatched ops
 /// (perf_event.h `IBS_OP_CNT_CTL`).
 pub const OP_CNT_CTL: u64 = bit(19);
-/// IBS_OP_CTL[26:20] IbsOpMaxCnt[22:16], with caps OPCNTEXT
+/// IBS_OP_CTL\[26:20\] IbsOpMaxCnt\[22:16\], with caps OPCNTEXT
 /// (perf_event.h `IBS_OP_MAX_CNT_EXT_MASK`).
 pub const OP_MAX_CNT_EXT: u64 = bits(26, 20);
-/// Shift of IbsOpMaxCnt[22:16] in the register.
+/// Shift of IbsOpMaxCnt\[22:16\] in the register.
 pub const OP_MAX_CNT_EXT_SHIFT: u32 = 20;
 // IBS_OP_CTL[31:27] reserved (amd-ibs.h `reserved0:5`).
-/// IBS_OP_CTL[51:32] IbsOpCurCnt[19:0], with caps RDWROPCNT
+/// IBS_OP_CTL\[51:32\] IbsOpCurCnt\[19:0\], with caps RDWROPCNT
 /// (perf_event.h `IBS_OP_CUR_CNT | IBS_OP_CUR_CNT_RAND`).
 pub const OP_CUR_CNT: u64 = bits(51, 32);
-/// IBS_OP_CTL[58:52] IbsOpCurCnt[26:20], with caps RDWROPCNT and OPCNTEXT
+/// IBS_OP_CTL\[58:52\] IbsOpCurCnt\[26:20\], with caps RDWROPCNT and OPCNTEXT
 /// (perf_event.h `IBS_OP_CUR_CNT_EXT_MASK`).
 pub const OP_CUR_CNT_EXT: u64 = bits(58, 52);
-/// IBS_OP_CTL[38:32] the low 7 bits of IbsOpCurCnt, random on real parts
+/// IBS_OP_CTL\[38:32\] the low 7 bits of IbsOpCurCnt, random on real parts
 /// (perf_event.h `IBS_OP_CUR_CNT_RAND`).
 pub const OP_CUR_CNT_RAND: u64 = bits(38, 32);
 /// Shift of IbsOpCurCnt.
@@ -205,44 +205,45 @@ pub const OP_CUR_CNT_SHIFT: u32 = 32;
 // Op data registers (amd-ibs.h `union ibs_op_data`, `ibs_op_data2`, `ibs_op_data3`)
 // ---------------------------------------------------------------------------------------------
 
-/// IBS_OP_DATA[31:0] CompToRetCtr and TagToRetCtr (amd-ibs.h `comp_to_ret_ctr`, `tag_to_ret_ctr`).
+/// IBS_OP_DATA\[31:0\] CompToRetCtr and TagToRetCtr
+/// (amd-ibs.h `comp_to_ret_ctr`, `tag_to_ret_ctr`).
 pub const OP_DATA_LATENCIES: u64 = bits(31, 0);
-/// IBS_OP_DATA[37:34] Return, BrnTaken, BrnMisp, BrnRet (amd-ibs.h `op_return`..`op_brn_ret`).
+/// IBS_OP_DATA\[37:34\] Return, BrnTaken, BrnMisp, BrnRet (amd-ibs.h `op_return`..`op_brn_ret`).
 pub const OP_DATA_BRANCH: u64 = bits(37, 34);
-/// IBS_OP_DATA[38] IbsRipInvalid (perf_event.h `IBS_RIP_INVALID`).
+/// IBS_OP_DATA\[38\] IbsRipInvalid (perf_event.h `IBS_RIP_INVALID`).
 pub const OP_DATA_RIP_INVALID: u64 = bit(38);
-/// IBS_OP_DATA[39] IbsOpBrnFuse, with caps OPBRNFUSE (amd-ibs.h `op_brn_fuse`).
+/// IBS_OP_DATA\[39\] IbsOpBrnFuse, with caps OPBRNFUSE (amd-ibs.h `op_brn_fuse`).
 pub const OP_DATA_BRN_FUSE: u64 = bit(39);
-/// IBS_OP_DATA[40] IbsOpMicrocode (amd-ibs.h `op_microcode`).
+/// IBS_OP_DATA\[40\] IbsOpMicrocode (amd-ibs.h `op_microcode`).
 pub const OP_DATA_MICROCODE: u64 = bit(40);
 // IBS_OP_DATA[33:32] and [63:41] reserved (amd-ibs.h `reserved1`, `reserved2`).
 
-/// IBS_OP_DATA2 valid bits: [2:0] DataSrcLo, [4] RmtNode, [5] CacheHitSt, [7:6] DataSrcHi;
-/// bit 3 and [63:8] reserved (amd-ibs.h `union ibs_op_data2`).
+/// IBS_OP_DATA2 valid bits: \[2:0\] DataSrcLo, \[4\] RmtNode, \[5\] CacheHitSt, \[7:6\] DataSrcHi;
+/// bit 3 and \[63:8\] reserved (amd-ibs.h `union ibs_op_data2`).
 pub const OP_DATA2_VALID: u64 = bits(2, 0) | bits(7, 4);
 
-/// IBS_OP_DATA3[0] IbsLdOp (amd-ibs.h `ld_op`).
+/// IBS_OP_DATA3\[0\] IbsLdOp (amd-ibs.h `ld_op`).
 pub const OP_DATA3_LD_OP: u64 = bit(0);
-/// IBS_OP_DATA3[1] IbsStOp (amd-ibs.h `st_op`).
+/// IBS_OP_DATA3\[1\] IbsStOp (amd-ibs.h `st_op`).
 pub const OP_DATA3_ST_OP: u64 = bit(1);
-/// IBS_OP_DATA3[17] IbsDcLinAddrValid (amd-ibs.h `dc_lin_addr_valid`).
+/// IBS_OP_DATA3\[17\] IbsDcLinAddrValid (amd-ibs.h `dc_lin_addr_valid`).
 pub const OP_DATA3_DC_LIN_ADDR_VALID: u64 = bit(17);
-/// IBS_OP_DATA3[18] IbsDcPhyAddrValid (amd-ibs.h `dc_phy_addr_valid`): read-as-zero,
+/// IBS_OP_DATA3\[18\] IbsDcPhyAddrValid (amd-ibs.h `dc_phy_addr_valid`): read-as-zero,
 /// write-ignored.
 pub const OP_DATA3_DC_PHY_ADDR_VALID: u64 = bit(18);
-/// IBS_OP_DATA3 valid bits: all but [12:9] (amd-ibs.h `reserved:4`).
+/// IBS_OP_DATA3 valid bits: all but \[12:9\] (amd-ibs.h `reserved:4`).
 pub const OP_DATA3_VALID: u64 = !bits(12, 9);
 
-/// IBS_FETCH_CTL_EXT[15:0] IbsItlbRefillLat; [63:16] reserved (amd-ibs.h `ic_ibs_extd_ctl`).
+/// IBS_FETCH_CTL_EXT\[15:0\] IbsItlbRefillLat; \[63:16\] reserved (amd-ibs.h `ic_ibs_extd_ctl`).
 pub const FETCH_CTL_EXT_VALID: u64 = bits(15, 0);
 
 // ---------------------------------------------------------------------------------------------
 // IBS_CTL (perf_event.h `IBSCTL_LVT_OFFSET_*`, spec §3)
 // ---------------------------------------------------------------------------------------------
 
-/// IBS_CTL[8] LvtOffsetVal (perf_event.h `IBSCTL_LVT_OFFSET_VALID`).
+/// IBS_CTL\[8\] LvtOffsetVal (perf_event.h `IBSCTL_LVT_OFFSET_VALID`).
 pub const IBS_CTL_LVT_OFFSET_VALID: u64 = bit(8);
-/// IBS_CTL[3:0] LvtOffset (perf_event.h `IBSCTL_LVT_OFFSET_MASK`).
+/// IBS_CTL\[3:0\] LvtOffset (perf_event.h `IBSCTL_LVT_OFFSET_MASK`).
 pub const IBS_CTL_LVT_OFFSET_MASK: u64 = bits(3, 0);
 /// The extended LVT entry this device routes the IBS interrupt through (spec §5.1: 0 is fine).
 pub const IBS_LVT_OFFSET: usize = 0;
@@ -251,17 +252,17 @@ pub const IBS_LVT_OFFSET: usize = 0;
 // Extended APIC registers (AMD APM vol. 2 §16.4.5 "Extended Interrupts"; spec §3, §5.2)
 // ---------------------------------------------------------------------------------------------
 
-/// EFEAT[23:16] XLC, the extended LVT count: 4 entries; IER, SEOI and 8-bit APIC-ID features
-/// ([2:0]) are not offered (spec §5.2: EFEAT reads 0x00040000).
+/// EFEAT\[23:16\] XLC, the extended LVT count: 4 entries; IER, SEOI and 8-bit APIC-ID features
+/// (\[2:0\]) are not offered (spec §5.2: EFEAT reads 0x00040000).
 pub const EFEAT_VALUE: u32 = (EILVT_COUNT as u32) << 16;
-/// ECTRL bits a guest may set. Bits [2:0] (IERN, SEOIEn, 8-bit ID) enable the features EFEAT
-/// [2:0] offers; none is offered, so only 0 is a legal value (other bits are reserved).
+/// ECTRL bits a guest may set. Bits \[2:0\] (IERN, SEOIEn, 8-bit ID) enable the features EFEAT
+/// \[2:0\] offers; none is offered, so only 0 is a legal value (other bits are reserved).
 pub const ECTRL_VALID: u32 = 0;
 
-/// EILVT[7:0] vector (APM vol. 2 §16.4.5; Linux apic.c `setup_APIC_eilvt` builds
+/// EILVT\[7:0\] vector (APM vol. 2 §16.4.5; Linux apic.c `setup_APIC_eilvt` builds
 /// `(mask << 16) | (msg_type << 8) | vector`).
 pub const EILVT_VECTOR: u32 = 0xFF;
-/// EILVT[10:8] message type: 0 fixed, 2 SMI, 4 NMI, 7 ExtINT (APM vol. 2 §16.4.5).
+/// EILVT\[10:8\] message type: 0 fixed, 2 SMI, 4 NMI, 7 ExtINT (APM vol. 2 §16.4.5).
 pub const EILVT_MSG_TYPE: u32 = 0x700;
 /// Shift of the message type.
 pub const EILVT_MSG_TYPE_SHIFT: u32 = 8;
@@ -269,10 +270,10 @@ pub const EILVT_MSG_TYPE_SHIFT: u32 = 8;
 pub const EILVT_MSG_FIXED: u32 = 0;
 /// Message type 4: NMI (apicdef.h `APIC_EILVT_MSG_NMI`).
 pub const EILVT_MSG_NMI: u32 = 4;
-/// EILVT[12] delivery status, read-only: always reads 0 here (delivery is immediate) and writes
+/// EILVT\[12\] delivery status, read-only: always reads 0 here (delivery is immediate) and writes
 /// of it are ignored, as for every read-only LVT bit.
 pub const EILVT_DELIVERY_STATUS: u32 = 1 << 12;
-/// EILVT[16] mask (apicdef.h `APIC_EILVT_MASKED`).
+/// EILVT\[16\] mask (apicdef.h `APIC_EILVT_MASKED`).
 pub const EILVT_MASKED: u32 = 1 << 16;
 /// EILVT bits a write may set; everything else is reserved and a write of it is #GP.
 pub const EILVT_WRITABLE: u32 = EILVT_VECTOR | EILVT_MSG_TYPE | EILVT_MASKED;

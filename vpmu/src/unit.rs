@@ -2,7 +2,8 @@
 //!
 //! A unit is a CTL register (MaxCnt, En, Val and status bits) plus data registers. The
 //! per-unit differences — bit positions, which bits a write may set for the advertised caps,
-//! which data MSRs exist — are tables on [`UnitKind`]; the behaviour is [`Unit`]'s alone.
+//! which data MSRs exist — are tables on [`UnitKind`]; the behaviour belongs to the private
+//! `Unit` alone.
 
 use std::fmt;
 

@@ -121,6 +121,61 @@
 #define MSR_IBS_DC_LINADDR  0xC0011038
 #define MSR_IBS_DC_PHYSADDR 0xC0011039
 #define MSR_IBS_CTL         0xC001103A
+#define MSR_IBS_BR_TARGET   0xC001103B  /* exists with caps BRNTRGT */
+#define MSR_IBS_FETCH_CTL_EXT 0xC001103C /* exists with caps FETCHCTLEXTD */
+#define MSR_IBS_OP_DATA4    0xC001103D  /* caps OPDATA4: never advertised by ibsvm */
+#define MSR_IBS_OP_CTL2     0xC001103E  /* caps DIS: never advertised by ibsvm */
+#define MSR_IBS_FETCH_CTL2  0xC001103F
+#define MSR_IBS_FIRST       MSR_IBS_FETCH_CTL
+#define MSR_IBS_LAST        MSR_IBS_FETCH_CTL2
+
+/* IBS_FETCH_CTL bits (ibs-device.md section 1; perf_event.h IBS_FETCH_*) */
+#define IBS_FETCH_MAX_CNT   0xFFFF      /* 15:0, period / 16 */
+#define IBS_FETCH_CNT_SHIFT 16          /* 31:16 IbsFetchCnt */
+#define IBS_FETCH_EN_BIT    48
+#define IBS_FETCH_VAL_BIT   49
+#define IBS_FETCH_PHYADDR_VALID_BIT 52  /* read-as-zero in ibsvm (vpmu README) */
+#define IBS_FETCH_L3MISSONLY_BIT 59     /* needs caps ZEN4 */
+#define IBS_FETCH_RSVD_BIT  63          /* 63:62 reserved */
+
+/* IBS_OP_CTL bits (ibs-device.md section 1; perf_event.h IBS_OP_*) */
+#define IBS_OP_MAX_CNT      0xFFFF      /* 15:0, period / 16 */
+#define IBS_OP_L3MISSONLY   (1 << 16)   /* needs caps ZEN4 */
+#define IBS_OP_EN           (1 << 17)
+#define IBS_OP_VAL          (1 << 18)
+#define IBS_OP_CNT_CTL      (1 << 19)   /* needs caps OPCNT */
+#define IBS_OP_MAX_CNT_EXT  0x7F00000   /* 26:20, needs caps OPCNTEXT */
+#define IBS_OP_RSVD_BIT     31          /* 31:27 reserved */
+#define IBS_OP_CUR_CNT_SHIFT 32         /* 51:32 IbsOpCurCnt, needs caps RDWROPCNT */
+#define IBS_OP_LDLAT_EN_BIT 63          /* caps OPLDLAT: not modelled, reserved in ibsvm */
+
+/* IBS_CTL (0xC001103A) as ibsvm presents it: LvtOffsetVal (bit 8) | offset 0 */
+#define IBS_CTL_VALUE       0x100
+
+/* CPUID (ibs-device.md section 2; Linux cpufeatures.h, perf_event.h IBS_CAPS_*) */
+#define CPUID_EXT_MAX       0x80000000
+#define CPUID_EXT_FEATURES  0x80000001
+#define CPUID_IBS_LEAF      0x8000001B
+#define CPUID_EXT_ECX_EXTAPIC (1 << 3)  /* Fn8000_0001 ECX[3] ExtApicSpace */
+#define CPUID_EXT_ECX_IBS   (1 << 10)   /* Fn8000_0001 ECX[10] IBS */
+#define IBS_CAPS_AVAIL      (1 << 0)
+#define IBS_CAPS_FETCHSAM   (1 << 1)
+#define IBS_CAPS_OPSAM      (1 << 2)
+#define IBS_CAPS_RDWROPCNT  (1 << 3)
+#define IBS_CAPS_OPCNT      (1 << 4)
+#define IBS_CAPS_BRNTRGT    (1 << 5)
+#define IBS_CAPS_OPCNTEXT   (1 << 6)
+#define IBS_CAPS_OPBRNFUSE  (1 << 8)
+#define IBS_CAPS_FETCHCTLEXTD (1 << 9)
+#define IBS_CAPS_ZEN4       (1 << 11)
+#define IBS_CAPS_NEVER      0x80000000  /* table marker: an MSR that never exists */
+
+/* EILVT values (APM vol. 2 16.4.5; Linux apic.c setup_APIC_eilvt) */
+#define EILVT_RESET         0x00010000  /* masked, vector 0, fixed */
+#define EILVT_MSG_NMI       0x400       /* message type 4 = NMI */
+#define EILVT_MASKED_NMI    (APIC_LVT_MASKED | EILVT_MSG_NMI)
+#define EFEAT_VALUE         0x00040000  /* 4 extended LVT entries, nothing else */
+#define IBS_FIXED_VECTOR    0xE0        /* fixed vector the ibs-eilvt test routes through EILVT0 */
 
 /* An MSR no one implements: ibsvm answers it with #GP (contract). */
 #define MSR_UNIMPLEMENTED   0xC0DE0001
@@ -273,5 +328,26 @@
 /* Default CPL3 loop length of the smoke test (native: ~2 ms). */
 #define SMOKE_USER_LOOPS    10000000
 #define USER_MAGIC          0x600d      /* returned by user_count_down */
+
+/* IBS tests (tests/ibs*.S).  Op period = MaxCnt * 16; ibsvm's synthetic
+ * sampler turns it into MaxCnt * 16 ns of guest run time (floor 10 us).
+ * Guest run time includes KVM's cost of every exit and of emulating CPL0:
+ * measured on the dev hosts, one NMI round (injection, the hook's 4-5 MSR
+ * exits, iretq) takes ~200 us of it, ~60 us of that after the re-arm.  A
+ * period of 0x1000 * 16 ns = 65 us would expire inside the NMI hook, so
+ * the sampled CPL3 loop would never be hit; 0x8000 (524288 ops, ~524 us)
+ * leaves a wide margin (host preemption counts as guest run time too). */
+#define IBS_OP_MAXCNT_TEST  0x8000
+#define IBS_FETCH_MAXCNT_TEST 0x8000
+#define IBS_MAX_SAMPLES     256         /* sample slots recorded by the NMI hook */
+#define IBS_SAMPLE_COUNT    20          /* ibs-sample: op samples wanted */
+#define IBS_FETCH_COUNT     3           /* ibs-sample: fetch samples wanted */
+#define IBS_DEMO_SAMPLES    200         /* ibs-demo: op samples wanted */
+/* CPL3 waits, counted in iterations of a 4-instruction loop (native at CPL3:
+ * well under 1 ns each), so 4G iterations is a few seconds at most. */
+#define IBS_USER_WAIT_LOOPS 4000000000
+#define IBS_MASKED_SPIN_LOOPS 40000000  /* ibs-eilvt: ~10 ms at CPL3, >> one period */
+#define IBS_DEMO_B_LOOPS    1000000     /* hot_b inner loop per round (~0.2 ms) */
+#define IBS_DEMO_A_LOOPS    3000000     /* hot_a: three times hot_b */
 
 #endif /* TESTKERNEL_DEFS_H */

@@ -71,14 +71,16 @@ pub fn build(
     initrd: Option<LoadedInitrd>,
     mem_mib: u64,
 ) -> Result<boot_params, ZeroPageError> {
-    let mut params = boot_params::default();
-    params.hdr = kernel.setup_header.unwrap_or(setup_header {
-        boot_flag: BOOT_FLAG,
-        header: HDR_MAGIC,
-        version: BOOT_PROTOCOL,
-        kernel_alignment: 0x0100_0000,
+    let mut params = boot_params {
+        hdr: kernel.setup_header.unwrap_or(setup_header {
+            boot_flag: BOOT_FLAG,
+            header: HDR_MAGIC,
+            version: BOOT_PROTOCOL,
+            kernel_alignment: 0x0100_0000,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     params.hdr.type_of_loader = LOADER_UNDEFINED;
     params.hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
     // heap_end_ptr is relative to the real-mode code; 0xfe00 is the customary value (boot.rst).

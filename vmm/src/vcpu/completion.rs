@@ -22,7 +22,7 @@ pub enum Completion {
 
 impl Completion {
     /// Instruction length.
-    pub fn len(self) -> u8 {
+    pub fn length(self) -> u8 {
         match self {
             Self::Int3 | Self::Fwait => 1,
             Self::Fence => 3,
@@ -62,9 +62,9 @@ mod tests {
         }
         assert_eq!(
             (
-                Completion::Int3.len(),
-                Completion::Fwait.len(),
-                Completion::Fence.len()
+                Completion::Int3.length(),
+                Completion::Fwait.length(),
+                Completion::Fence.length()
             ),
             (1, 1, 3)
         );

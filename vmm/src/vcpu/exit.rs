@@ -104,8 +104,8 @@ pub enum Outcome {
         /// Value.
         value: u64,
     },
-    /// A syscall-bridge breakpoint or single step fired.
-    BridgeDebug {
+    /// The syscall bridge's #PF trap fired (breakpoint, single step, or planted int3).
+    BridgeTrap {
         /// Guest RIP.
         pc: u64,
     },
@@ -127,6 +127,19 @@ pub trait MsrHandler {
     fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>>;
     /// WRMSR: `Some(Ok(()))`, `Some(Err(()))` for #GP, `None` if unowned.
     fn wrmsr(&mut self, index: u32, value: u64) -> Option<Result<(), ()>>;
+}
+
+/// The MSR handler of a vCPU without userspace-emulated MSRs: every MSR that reaches
+/// userspace is one KVM would have refused, so the guest gets #GP.
+pub struct NoMsrs;
+
+impl MsrHandler for NoMsrs {
+    fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
+        None
+    }
+    fn wrmsr(&mut self, _: u32, _: u64) -> Option<Result<(), ()>> {
+        None
+    }
 }
 
 /// The measures for CPL0-emulating hosts that dispatch applies.
@@ -180,7 +193,7 @@ pub fn dispatch(
             value,
             ..
         } if policy.syscall_bridge => Outcome::SyscallMsr { index, value },
-        Exit::Debug { pc, .. } if policy.syscall_bridge => Outcome::BridgeDebug { pc },
+        Exit::Debug { pc, .. } if policy.syscall_bridge => Outcome::BridgeTrap { pc },
         Exit::Debug { pc, dr6 } => crash(CrashKind::UnhandledExit(format!(
             "debug exit at {pc:#x}, DR6 {dr6:#x}"
         ))),
@@ -437,13 +450,13 @@ mod tests {
     #[test]
     fn syscall_msrs_and_debug_exits_go_to_the_bridge() {
         let mut error = 0;
-        let lstar = || Exit::WrMsr {
+        let lstar = Exit::WrMsr {
             index: MSR_LSTAR,
             value: 0xffff_ffff_8160_0080,
-            error: &mut 0,
+            error: &mut error,
         };
         assert_eq!(
-            run(lstar(), QUIRKS),
+            run(lstar, QUIRKS),
             Outcome::SyscallMsr {
                 index: MSR_LSTAR,
                 value: 0xffff_ffff_8160_0080
@@ -461,7 +474,7 @@ mod tests {
         assert_eq!(error, 1);
         assert_eq!(
             run(Exit::Debug { pc: 0x1000, dr6: 1 }, QUIRKS),
-            Outcome::BridgeDebug { pc: 0x1000 }
+            Outcome::BridgeTrap { pc: 0x1000 }
         );
         assert!(matches!(
             run(Exit::Debug { pc: 0x1000, dr6: 1 }, NORMAL),

@@ -5,24 +5,25 @@ pub mod exit;
 pub mod guest_walk;
 pub mod kick;
 pub mod syscall_bridge;
+pub mod timer;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
-};
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
+use crate::ibs::vcpu::VcpuIbs;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
 use completion::Completion;
-use exit::{dispatch, DispatchPolicy, Exit, MsrHandler, Outcome};
-use syscall_bridge::{gate_target, ExceptionFrame, SyscallBridge, IDT_GATE_SIZE, VECTOR_PF};
+use exit::{dispatch, DispatchPolicy, Exit, MsrHandler, NoMsrs, Outcome};
+use syscall_bridge::SyscallBridge;
+use vpmu::Interrupt;
 
 /// Local APIC register offsets and LVT delivery modes (Intel SDM vol. 3A §10.5.1).
 const APIC_LVT_LINT0: usize = 0x350;
@@ -67,7 +68,7 @@ pub struct Vcpu {
     id: u8,
     mem: GuestMemoryMmap,
     policy: DispatchPolicy,
-    msrs: Box<dyn MsrHandler + Send>,
+    ibs: Option<VcpuIbs>,
     bridge: SyscallBridge,
     counters: Counters,
 }
@@ -79,14 +80,14 @@ impl Vcpu {
         id: u8,
         mem: GuestMemoryMmap,
         policy: DispatchPolicy,
-        msrs: Box<dyn MsrHandler + Send>,
+        ibs: Option<VcpuIbs>,
     ) -> Self {
         Self {
             fd,
             id,
             mem,
             policy,
-            msrs,
+            ibs,
             bridge: SyscallBridge::default(),
             counters: Counters::default(),
         }
@@ -152,6 +153,8 @@ impl Vcpu {
         // Have KVM copy the general registers into kvm_run on every exit (RIP for crash
         // reports and completions without a KVM_GET_REGS).
         self.fd.set_sync_valid_reg(SyncReg::Register);
+        // And the event state: whether the guest is inside an NMI handler (NMIs masked).
+        self.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         Ok(())
     }
 
@@ -159,6 +162,10 @@ impl Vcpu {
     pub fn run(mut self, shared: Arc<VmShared>) -> Counters {
         kick::publish(self.fd.get_kvm_run());
         while !shared.stopping() {
+            if let Some(Err(e)) = self.ibs.as_mut().map(VcpuIbs::before_run) {
+                shared.fail(format!("vCPU {}: IBS sample timer: {e}", self.id));
+                break;
+            }
             match self.step(&shared) {
                 Ok(Outcome::Resume) => {}
                 Ok(Outcome::Complete(c)) => {
@@ -167,21 +174,65 @@ impl Vcpu {
                     }
                 }
                 Ok(Outcome::SyscallMsr { index, value }) => {
-                    if let Err(e) = self.syscall_msr(index, value) {
+                    if let Err(e) = self.syscall_msr(&shared, index, value) {
                         shared.fail(e.to_string());
                     }
                 }
-                Ok(Outcome::BridgeDebug { pc }) => {
-                    if let Err(e) = self.bridge_debug(pc) {
+                Ok(Outcome::BridgeTrap { pc }) => {
+                    if let Err(e) = self.bridge_trap(&shared, pc) {
                         shared.fail(e.to_string());
                     }
                 }
                 Ok(Outcome::Stop(stop)) => shared.stop(self.locate(stop)),
                 Err(e) => shared.fail(e.to_string()),
             }
+            if let Err(e) = self.after_exit(&shared) {
+                shared.fail(e.to_string());
+            }
         }
         kick::withdraw();
+        if let Some(ibs) = &self.ibs {
+            ibs.add_counters(&mut self.counters);
+        }
         self.counters
+    }
+
+    /// Virtual IBS work between exits: report races, take due samples, inject the NMI.
+    fn after_exit(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
+        let Some(ibs) = &mut self.ibs else {
+            return Ok(());
+        };
+        if let Some(race) = ibs.take_race() {
+            log::warn!("vCPU {}: {race}", self.id);
+            if race.fatal {
+                shared.stop(GuestStop::IbsRace {
+                    vcpu: self.id,
+                    report: race.to_string(),
+                });
+            }
+        }
+        let sync = self.fd.sync_regs();
+        let Some(irq) = ibs.after_exit(sync.regs.rip, sync.events.nmi.masked != 0) else {
+            return Ok(());
+        };
+        match irq {
+            Interrupt::Nmi => self.fd.nmi().map_err(|source| VcpuError::Ioctl {
+                id: self.id,
+                what: "KVM_NMI",
+                source,
+            })?,
+            Interrupt::Fixed { vector } => {
+                shared
+                    .send_fixed_interrupt(self.id, vector)
+                    .map_err(|source| VcpuError::Ioctl {
+                        id: self.id,
+                        what: "KVM_SIGNAL_MSI",
+                        source,
+                    })?
+            }
+        }
+        ibs.injected(irq);
+        Ok(())
     }
 
     /// Fills in which vCPU and where for a crash.
@@ -209,8 +260,16 @@ impl Vcpu {
         }
         let pio = shared.devices();
         let policy = self.policy;
-        let msrs = self.msrs.as_mut();
-        let ran = match self.fd.run() {
+        let started = Instant::now();
+        let result = self.fd.run();
+        if let Some(ibs) = &mut self.ibs {
+            ibs.account_run(started.elapsed().as_nanos() as u64);
+        }
+        let msrs: &mut dyn MsrHandler = match &mut self.ibs {
+            Some(ibs) => ibs,
+            None => &mut NoMsrs,
+        };
+        let ran = match result {
             Ok(VcpuExit::IoIn(port, data)) => Ok(("exit.io_in", Exit::IoIn { port, data })),
             Ok(VcpuExit::IoOut(port, data)) => Ok(("exit.io_out", Exit::IoOut { port, data })),
             Ok(VcpuExit::MmioRead(addr, data)) => Ok(("exit.mmio", Exit::MmioRead { addr, data })),
@@ -269,22 +328,22 @@ impl Vcpu {
                     .limit;
                 (
                     "exit.shutdown",
-                    dispatch(
-                        Exit::Shutdown { idt_limit },
-                        pio,
-                        self.msrs.as_mut(),
-                        policy,
-                    ),
+                    dispatch(Exit::Shutdown { idt_limit }, pio, &mut NoMsrs, policy),
                 )
             }
             Err(Deferred::InternalError) => {
+                let rip = self.rip();
+                if self.bridge.planted_at(rip) {
+                    self.counters.bump("exit.bridge_trap");
+                    return Ok(Outcome::BridgeTrap { pc: rip });
+                }
                 let (suberror, insn) = self.internal_error();
                 (
                     "exit.internal_error",
                     dispatch(
                         Exit::InternalError { suberror, insn },
                         pio,
-                        self.msrs.as_mut(),
+                        &mut NoMsrs,
                         policy,
                     ),
                 )
@@ -328,105 +387,10 @@ impl Vcpu {
         (suberror, buf[..n].to_vec())
     }
 
-    /// Writes LSTAR/SFMASK through for the guest and arms the #PF breakpoint once LSTAR is set.
-    fn syscall_msr(&mut self, index: u32, value: u64) -> Result<(), VcpuError> {
-        let msr = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            data: value,
-            ..Default::default()
-        }])
-        .map_err(|_| VcpuError::MsrList)?;
-        self.fd
-            .set_msrs(&msr)
-            .map_err(self.ioctl_err("KVM_SET_MSRS"))?;
-        if self.bridge.record_msr(index, value) {
-            let sregs = self
-                .fd
-                .get_sregs()
-                .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
-            let mut gate = [0u8; IDT_GATE_SIZE as usize];
-            let gate_va = sregs.idt.base + VECTOR_PF * IDT_GATE_SIZE;
-            if guest_walk::read_virt(&self.mem, sregs.cr3, gate_va, &mut gate) != gate.len() {
-                return Err(VcpuError::Guest(format!(
-                    "cannot read the guest's #PF gate at {gate_va:#x}"
-                )));
-            }
-            let entry = gate_target(&gate);
-            if self.bridge.pf_entry.is_none() {
-                log::info!(
-                    "vCPU {}: routing guest system calls through the #PF entry at {entry:#x}",
-                    self.id
-                );
-            }
-            self.bridge.pf_entry = Some(entry);
-            self.bridge.stepping = false;
-            self.set_debug(false)?;
-        }
-        Ok(())
-    }
-
-    /// Guest debug: the hardware breakpoint on the #PF entry, or one single step.
-    fn set_debug(&mut self, single_step: bool) -> Result<(), VcpuError> {
-        let mut dbg = kvm_guest_debug {
-            control: KVM_GUESTDBG_ENABLE,
-            ..Default::default()
-        };
-        if single_step {
-            dbg.control |= KVM_GUESTDBG_SINGLESTEP;
-        } else if let Some(entry) = self.bridge.pf_entry {
-            dbg.control |= KVM_GUESTDBG_USE_HW_BP;
-            dbg.arch.debugreg[0] = entry;
-            // DR7 bit 0 L0: breakpoint 0 enabled; R/W0 = 00 and LEN0 = 00: instruction fetch
-            // (SDM vol. 3B §17.2.4).
-            dbg.arch.debugreg[7] = 1;
-        }
-        self.fd
-            .set_guest_debug(&dbg)
-            .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG"))
-    }
-
-    /// A bridge debug exit: complete a SYSCALL, or step over an ordinary #PF entry.
-    fn bridge_debug(&mut self, pc: u64) -> Result<(), VcpuError> {
-        if self.bridge.stepping {
-            self.bridge.stepping = false;
-            return self.set_debug(false);
-        }
-        if Some(pc) != self.bridge.pf_entry {
-            return Err(VcpuError::Guest(format!(
-                "debug exit at {pc:#x}, not at the #PF entry"
-            )));
-        }
-        let sregs = self
-            .fd
-            .get_sregs()
-            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
-        let rsp = self.fd.sync_regs().regs.rsp;
-        let mut bytes = [0u8; ExceptionFrame::SIZE];
-        if guest_walk::read_virt(&self.mem, sregs.cr3, rsp, &mut bytes) != bytes.len() {
-            return Err(VcpuError::Guest(format!(
-                "cannot read the #PF frame at {rsp:#x}"
-            )));
-        }
-        match self.bridge.syscall_entry(&ExceptionFrame::parse(&bytes)) {
-            Some(entry) => {
-                let regs = &mut self.fd.sync_regs_mut().regs;
-                (regs.rip, regs.rsp, regs.rflags) = (entry.rip, entry.rsp, entry.rflags);
-                self.fd.set_sync_dirty_reg(SyncReg::Register);
-                self.counters.bump("syscall.routed");
-                Ok(())
-            }
-            None => {
-                self.counters.bump("syscall.pf_stepped");
-                self.bridge.stepping = true;
-                self.set_debug(true)
-            }
-        }
-    }
-
     /// Completes an instruction the emulator rejected (see [`completion`]).
     fn complete(&mut self, c: Completion) -> Result<(), VcpuError> {
         let regs = &mut self.fd.sync_regs_mut().regs;
-        regs.rip = regs.rip.wrapping_add(u64::from(c.len()));
+        regs.rip = regs.rip.wrapping_add(u64::from(c.length()));
         self.fd.set_sync_dirty_reg(SyncReg::Register);
         self.counters.bump(c.counter());
         if c == Completion::Int3 {

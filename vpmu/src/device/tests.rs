@@ -435,8 +435,11 @@ fn guest_context_is_queried_lazily() {
 /// of the device's epochs).
 #[derive(Clone, Default)]
 struct ThreadSource {
-    armed: Arc<Mutex<([Option<(Epoch, u64)>; 2], u64)>>,
+    armed: Arc<Mutex<Armings>>,
 }
+
+/// Per unit the current (epoch, period), and the number of armings so far.
+type Armings = ([Option<(Epoch, u64)>; 2], u64);
 
 impl SampleSource for ThreadSource {
     fn arm(&mut self, arm: &Arm) {
@@ -925,7 +928,8 @@ proptest! {
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let policy = if faithful { Policy::Faithful } else { Policy::Protect };
-        let config = VpmuConfig { caps: Caps::new(caps).unwrap(), policy, race_check: RaceCheck::Fail };
+        let caps = Caps::new(caps).unwrap();
+        let config = VpmuConfig { caps, policy, race_check: RaceCheck::Fail };
         let mut v = synthetic(config);
         let sink = v.sink();
         let mut now = 0u64;
@@ -949,10 +953,19 @@ proptest! {
                     let cur = v.units[kind.index()].epoch.raw();
                     let epoch = Epoch::from_raw(cur.saturating_sub(back));
                     let sample = if fetch {
-                        Sample::fetch(epoch, FetchSample { status: rip, linaddr: rip, ctl_ext: rip })
+                        let regs = FetchSample { status: rip, linaddr: rip, ctl_ext: rip };
+                        Sample::fetch(epoch, regs)
                     } else {
-                        Sample::op(epoch, OpSample { status: rip, rip, data: rip, data2: rip,
-                            data3: rip, dc_linaddr: rip, br_target: rip })
+                        let regs = OpSample {
+                            status: rip,
+                            rip,
+                            data: rip,
+                            data2: rip,
+                            data3: rip,
+                            dc_linaddr: rip,
+                            br_target: rip,
+                        };
+                        Sample::op(epoch, regs)
                     };
                     let _ = sink.deliver(sample);
                     v.poll_inbox();
@@ -969,8 +982,13 @@ proptest! {
     }
 
     #[test]
-    fn any_msr_access_is_total(index in any::<u32>(), value in any::<u64>(), caps in prop::sample::select(vec![0x7u32, 0x1F, 0x3FF, 0xBFF])) {
-        let mut v = synthetic(VpmuConfig { caps: Caps::new(caps).unwrap(), ..VpmuConfig::default() });
+    fn any_msr_access_is_total(
+        index in any::<u32>(),
+        value in any::<u64>(),
+        caps in prop::sample::select(vec![0x7u32, 0x1F, 0x3FF, 0xBFF]),
+    ) {
+        let caps = Caps::new(caps).unwrap();
+        let mut v = synthetic(VpmuConfig { caps, ..VpmuConfig::default() });
         let r = v.rdmsr(index);
         let w = v.wrmsr(index, value, NO);
         prop_assert_eq!(r.is_err() as u64 + w.is_err() as u64, v.stats().faults);

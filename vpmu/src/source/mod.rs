@@ -70,7 +70,7 @@ pub struct SamplePoint {
 /// Registers of a fetch sample. Bits a source cannot know must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FetchSample {
-    /// IBS_FETCH_CTL status bits: latency [47:32], Comp, IcMiss, TLB bits, L2Miss (and the
+    /// IBS_FETCH_CTL status bits: latency \[47:32\], Comp, IcMiss, TLB bits, L2Miss (and the
     /// Zen 4 status bits if advertised). MaxCnt/Cnt/En/Val/PhyAddrValid are set by the device.
     pub status: u64,
     /// IBS_FETCH_LINADDR.
@@ -82,7 +82,7 @@ pub struct FetchSample {
 /// Registers of an op sample. Bits a source cannot know must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpSample {
-    /// IBS_OP_CTL status bits: the random low 7 bits of CurCnt [38:32] (kept only with caps
+    /// IBS_OP_CTL status bits: the random low 7 bits of CurCnt \[38:32\] (kept only with caps
     /// RDWROPCNT). Everything else in CTL is set by the device.
     pub status: u64,
     /// IBS_OP_RIP.
@@ -189,11 +189,52 @@ pub trait SampleSource {
     /// A sample point: return a sample that is due, if any (the device calls this until it
     /// returns `None`, a few times at most).
     fn poll(&mut self, at: &SamplePoint) -> Option<Sample>;
+    /// The vCPU's guest run time is now `guest_ns` (same clock as [`SamplePoint::guest_ns`]).
+    /// The device forwards [`crate::Vpmu::set_guest_time`] here before an MSR access, so a
+    /// source that measures periods in guest time starts them at the arming write, not at
+    /// the last sample point. Sources on other clocks ignore it.
+    fn set_guest_time(&mut self, guest_ns: u64) {
+        let _ = guest_ns;
+    }
+}
+
+/// Lets a VMM pick the source at run time: `Vpmu<Box<dyn SampleSource + Send>>`.
+impl<T: SampleSource + ?Sized> SampleSource for Box<T> {
+    fn arm(&mut self, arm: &Arm) {
+        (**self).arm(arm);
+    }
+    fn disarm(&mut self, unit: UnitKind) {
+        (**self).disarm(unit);
+    }
+    fn next_deadline(&self) -> Option<u64> {
+        (**self).next_deadline()
+    }
+    fn poll(&mut self, at: &SamplePoint) -> Option<Sample> {
+        (**self).poll(at)
+    }
+    fn set_guest_time(&mut self, guest_ns: u64) {
+        (**self).set_guest_time(guest_ns);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boxed_source_drives_a_device() {
+        use crate::msr::{IBS_OP_CTL, OP_EN};
+        let source: Box<dyn SampleSource + Send> = Box::new(synthetic::SyntheticSource::default());
+        let mut v = crate::Vpmu::new(crate::VpmuConfig::default(), source);
+        v.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN, &crate::NoGuestContext)
+            .unwrap();
+        let t = v.next_deadline().unwrap();
+        v.sample_point(SamplePoint {
+            rip: 1,
+            guest_ns: t,
+        });
+        assert_eq!(v.stats().samples_latched, 1);
+    }
 
     #[test]
     fn epochs_advance_and_skip_none() {

@@ -35,7 +35,7 @@ pub struct SyntheticConfig {
 impl Default for SyntheticConfig {
     fn default() -> SyntheticConfig {
         SyntheticConfig {
-            seed: 0x1B5_C0FF_EE,
+            seed: 0x0001_B5C0_FFEE,
             ns_per_op: 1.0,
             min_interval_ns: 10_000,
         }
@@ -139,8 +139,12 @@ impl SampleSource for SyntheticSource {
         self.armed.iter().flatten().map(|a| a.deadline_ns).min()
     }
 
+    fn set_guest_time(&mut self, guest_ns: u64) {
+        self.now_ns = self.now_ns.max(guest_ns);
+    }
+
     fn poll(&mut self, at: &SamplePoint) -> Option<Sample> {
-        self.now_ns = self.now_ns.max(at.guest_ns);
+        self.set_guest_time(at.guest_ns);
         let unit = UnitKind::ALL
             .into_iter()
             .find(|u| self.armed[u.index()].is_some_and(|a| a.deadline_ns <= self.now_ns))?;
@@ -180,6 +184,18 @@ mod tests {
             start_count: 0,
             rand_en,
         }
+    }
+
+    #[test]
+    fn periods_start_at_the_arming_time() {
+        let mut s = SyntheticSource::default();
+        s.set_guest_time(5_000_000);
+        s.arm(&arm(UnitKind::Op, 1, 100_000, false));
+        assert_eq!(s.next_deadline(), Some(5_100_000), "not from time 0");
+        // Time never runs backwards.
+        s.set_guest_time(1);
+        s.arm(&arm(UnitKind::Op, 2, 100_000, false));
+        assert_eq!(s.next_deadline(), Some(5_100_000));
     }
 
     #[test]

@@ -83,6 +83,11 @@ impl Check {
         }
     }
 
+    /// Sub-tests passed and failed so far.
+    pub fn counts(&self) -> (u32, u32) {
+        (self.passed, self.failed)
+    }
+
     /// Prints `NAME: done: P passed, F failed (T ms)` and exits: status 0 only if
     /// at least one sub-test ran and none failed, else 1.
     pub fn finish(self) -> ! {

@@ -22,8 +22,8 @@ use ibsvm_guest_checks::{
 };
 
 const GETPID_CALLS: u32 = 500;
-const FORK_EXEC_RUNS: u32 = 50;
-const PIPELINE_RUNS: u32 = 20;
+const FORK_EXEC_RUNS: u32 = 10;
+const PIPELINE_RUNS: u32 = 8;
 const THREADS: usize = 4;
 const THREAD_ITERS: u64 = 100_000;
 const THREAD_YIELDS: u64 = 50;

@@ -7,15 +7,26 @@
 //!
 //! ibsvm completes the SYSCALL itself. It watches the guest's writes of LSTAR and SFMASK
 //! (an MSR filter sends them to userspace; ibsvm writes them through with
-//! `KVM_SET_MSRS`), and once LSTAR is set it puts a hardware breakpoint on the guest's #PF
-//! entry point (IDT vector 14). When it fires:
+//! `KVM_SET_MSRS`), and once LSTAR is set it traps the guest's #PF entry point (IDT vector
+//! 14). When the trap fires:
 //! - if the faulting RIP is LSTAR and the faulting CS has RPL 3, the #PF is a SYSCALL that
 //!   did not enter the kernel: ibsvm finishes the architectural SYSCALL (AMD APM vol. 3
 //!   "SYSCALL": RFLAGS ← RFLAGS & ~SFMASK, RIP ← LSTAR, RSP unchanged; RCX and R11 were
 //!   already written by the host) by pointing RIP at LSTAR with the user RSP and masked
 //!   RFLAGS, still at CPL0 where the #PF delivery left the vCPU;
-//! - otherwise it is an ordinary page fault: ibsvm single-steps the handler's first
-//!   instruction (breakpoints here re-trigger even with RFLAGS.RF set) and re-arms.
+//! - otherwise it is an ordinary page fault and the handler goes on.
+//!
+//! Two ways to trap the entry ([`PfTrap`]):
+//! - **planted** (preferred): Linux's exception entries start with `[endbr64] [clac or its
+//!   NOP padding] cld` (arch/x86/entry/entry_64.S, `idtentry`). ibsvm overwrites that `cld`
+//!   with `int3`, which this host's emulator cannot run at CPL0, so it exits to ibsvm; for
+//!   an ordinary fault ibsvm performs the `cld` (RFLAGS.DF ← 0, RIP + 1). The instructions
+//!   before it are left alone because the kernel's alternatives patching rewrites them
+//!   after LSTAR is set; `cld` is never patched.
+//! - **hardware breakpoint** (any other entry): a guest-debug breakpoint on the entry; an
+//!   ordinary fault single-steps the first instruction (breakpoints here re-trigger even
+//!   with RFLAGS.RF set) and re-arms. Costs two exits a fault and slows emulation while
+//!   armed, hence the fallback only.
 
 /// MSR C000_0082 LSTAR: the 64-bit SYSCALL target.
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -29,6 +40,70 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 pub const VECTOR_PF: u64 = 14;
 /// Size of a long-mode IDT gate (SDM vol. 3A §6.14.1).
 pub const IDT_GATE_SIZE: u64 = 16;
+/// RFLAGS bit 10 DF, cleared by `cld`.
+const RFLAGS_DF: u64 = 1 << 10;
+/// `cld` and `int3` opcodes.
+pub const OPCODE_CLD: u8 = 0xfc;
+/// `int3`.
+pub const OPCODE_INT3: u8 = 0xcc;
+/// How many bytes of the entry [`plant_site`] looks at.
+pub const ENTRY_SCAN: usize = 16;
+
+/// How the #PF entry is trapped (VM-wide: every vCPU shares the kernel's IDT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PfTrap {
+    /// `int3` planted over the `cld` at guest-virtual `va`.
+    Planted {
+        /// Where.
+        va: u64,
+    },
+    /// A hardware breakpoint on the entry at `va`.
+    Breakpoint {
+        /// Where.
+        va: u64,
+    },
+}
+
+impl std::fmt::Display for PfTrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Planted { va } => write!(f, "int3 planted on its cld at {va:#x}"),
+            Self::Breakpoint { va } => write!(f, "hardware breakpoint at {va:#x}"),
+        }
+    }
+}
+
+/// Where in the #PF entry's first bytes the `cld` is that can carry an `int3`: only if
+/// everything before it is `endbr64`, `clac` or a NOP that Linux pads alternatives with
+/// (arch/x86/include/asm/nops.h).
+pub fn plant_site(entry: &[u8]) -> Option<usize> {
+    const SKIPPABLE: [&[u8]; 8] = [
+        &[0xf3, 0x0f, 0x1e, 0xfa],             // endbr64
+        &[0x0f, 0x01, 0xca],                   // clac
+        &[0x90],                               // nop
+        &[0x66, 0x90],                         // BYTES_NOP2
+        &[0x0f, 0x1f, 0x00],                   // BYTES_NOP3
+        &[0x0f, 0x1f, 0x40, 0x00],             // BYTES_NOP4
+        &[0x0f, 0x1f, 0x44, 0x00, 0x00],       // BYTES_NOP5
+        &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00], // BYTES_NOP6
+    ];
+    let mut at = 0;
+    while at < entry.len() {
+        if entry[at] == OPCODE_CLD {
+            return Some(at);
+        }
+        at += SKIPPABLE
+            .iter()
+            .find(|insn| entry[at..].starts_with(insn))?
+            .len();
+    }
+    None
+}
+
+/// RFLAGS after the `cld` the planted `int3` replaced.
+pub fn rflags_after_cld(rflags: u64) -> u64 {
+    rflags & !RFLAGS_DF
+}
 
 /// The frame the CPU pushes for an exception with an error code in long mode, lowest
 /// address first (SDM vol. 3A figure 6-9).
@@ -89,9 +164,9 @@ pub struct SyscallEntry {
 pub struct SyscallBridge {
     lstar: u64,
     sfmask: u64,
-    /// The #PF entry point the breakpoint is on, once armed.
-    pub pf_entry: Option<u64>,
-    /// Single-stepping over the #PF handler's first instruction.
+    /// How this vCPU traps the #PF entry, once LSTAR is set.
+    pub trap: Option<PfTrap>,
+    /// Single-stepping over the #PF handler's first instruction (breakpoint trap).
     pub stepping: bool,
 }
 
@@ -112,15 +187,22 @@ impl SyscallBridge {
         }
     }
 
+    /// Whether `rip` is this vCPU's planted `int3`.
+    pub fn planted_at(&self, rip: u64) -> bool {
+        self.trap == Some(PfTrap::Planted { va: rip })
+    }
+
     /// What a #PF with `frame` is: `Some(entry)` for a SYSCALL to complete.
     pub fn syscall_entry(&self, frame: &ExceptionFrame) -> Option<SyscallEntry> {
-        (self.lstar != 0 && frame.rip == self.lstar && frame.cs & 3 == 3).then(|| SyscallEntry {
+        (self.lstar != 0 && frame.rip == self.lstar && frame.cs & 3 == 3).then_some(SyscallEntry {
             rip: self.lstar,
             rsp: frame.rsp,
             rflags: (frame.rflags & !self.sfmask & !RFLAGS_RF) | RFLAGS_FIXED,
         })
     }
 }
+
+mod kvm;
 
 #[cfg(test)]
 mod tests {
@@ -152,7 +234,7 @@ mod tests {
         assert_eq!(entry.rip, LSTAR);
         assert_eq!(entry.rsp, 0x7ffd_0000);
         // IF (bit 9) and the other SFMASK bits cleared, RF cleared, bit 1 set.
-        assert_eq!(entry.rflags, 0x10246 & !0x47700 | 2);
+        assert_eq!(entry.rflags, 0x46);
         assert_eq!(entry.rflags & RFLAGS_RF, 0);
     }
 
@@ -174,6 +256,33 @@ mod tests {
             None,
             "LSTAR not set yet"
         );
+    }
+
+    #[test]
+    fn plant_sites_follow_linux_entries() {
+        // Debian 6.1 asm_exc_page_fault: 3-byte NOP padding for ASM_CLAC, cld, call.
+        assert_eq!(
+            plant_site(&[0x90, 0x90, 0x90, 0xfc, 0xe8, 0x17, 0x09]),
+            Some(3)
+        );
+        // After alternatives optimised the padding, with IBT, or with SMAP (clac).
+        assert_eq!(plant_site(&[0x0f, 0x1f, 0x00, 0xfc]), Some(3));
+        assert_eq!(
+            plant_site(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x01, 0xca, 0xfc]),
+            Some(7)
+        );
+        assert_eq!(plant_site(&[0xfc]), Some(0));
+        // Anything else before a cld, or no cld: no site.
+        assert_eq!(plant_site(&[0x55, 0xfc]), None);
+        assert_eq!(plant_site(&[0x90, 0x90]), None);
+        assert_eq!(plant_site(&[0x0f, 0x1f]), None, "truncated NOP");
+        assert_eq!(plant_site(&[0xcc, 0xfc]), None);
+    }
+
+    #[test]
+    fn cld_clears_only_df() {
+        assert_eq!(rflags_after_cld(0x446), 0x46);
+        assert_eq!(rflags_after_cld(0x46), 0x46);
     }
 
     #[test]

@@ -1,0 +1,63 @@
+//! The stock Debian kernel (guest-images/linux) under real KVM: one boot carrying every
+//! guest-side check, asserted on the guest's own output.
+
+use std::time::Duration;
+
+use ibsvm_tests::{ibsvm, image, repo_root, require_kvm};
+
+/// Generous: a boot plus checks takes several minutes on a CPL0-emulating host.
+const DEADLINE: Duration = Duration::from_secs(25 * 60);
+
+#[test]
+fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
+    require_kvm();
+    let cmdline = std::fs::read_to_string(repo_root().join("guest-images/linux/cmdline"))
+        .expect("guest-images/linux/cmdline");
+    let kernel = image("linux/vmlinux");
+    let initrd = image("linux/initramfs.cpio");
+    let run = ibsvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            cmdline.trim(),
+            "--cpus",
+            "2",
+            "--stats",
+        ],
+        DEADLINE,
+    );
+    eprintln!("{run}");
+    let out = &run.stdout;
+    // The kernel reached userspace.
+    assert!(
+        out.contains("Linux version 6.1."),
+        "not the stock 6.1 kernel\n{run}"
+    );
+    assert!(out.contains("Run /init as init process"), "no /init\n{run}");
+    run.assert_line("ibsvm-init: start");
+    run.assert_line("ibsvm-init: cpus online 2 (0-1)");
+    // Every check passed, as the guest itself reports.
+    for check in ["ibs", "userspace"] {
+        run.assert_line(&format!("ibsvm-check: {check}: PASS"));
+    }
+    run.assert_line("ibsvm-init: verdict PASS");
+    assert_eq!(run.code(), 0, "{run}");
+    // The VMM's measures for this host were taken, and nothing went wrong in the guest.
+    assert!(
+        run.stderr
+            .contains("routing guest system calls through the #PF entry"),
+        "{run}"
+    );
+    for bad in [
+        "NMI received for unknown reason",
+        "[Firmware Bug]",
+        "unchecked MSR access",
+        "segfault at",
+    ] {
+        assert!(!out.contains(bad), "guest log has {bad:?}\n{run}");
+    }
+}
