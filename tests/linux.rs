@@ -26,6 +26,8 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
             cmdline.trim(),
             "--cpus",
             "2",
+            "--linux-tsc-scale",
+            "10",
             "--stats",
         ],
         DEADLINE,

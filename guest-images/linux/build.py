@@ -353,15 +353,15 @@ def kernel_banner(vmlinux: bytes) -> str:
 
 
 def build_vmlinux(kernel_pkg: Package, deb: Path, out: Path, stamps: Stamps) -> dict:
-    vmlinux, config = out / "vmlinux", out / "kernel.config"
+    vmlinux, config, system_map = out / "vmlinux", out / "kernel.config", out / "System.map"
     key = f"{VMLINUX_RECIPE}:{kernel_pkg.sha256}"
     info_path = out / "work" / "kernel.json"
-    if stamps.fresh("vmlinux", key, [vmlinux, config]) and info_path.exists():
+    if stamps.fresh("vmlinux", key, [vmlinux, config, system_map]) and info_path.exists():
         info = json.loads(info_path.read_text())
         step("vmlinux", f"up to date ({info['release']})")
         return info
     step("vmlinux", f"extracting /boot/vmlinuz-* from {deb.name}")
-    files = deb_members(deb, lambda n: n.startswith("./boot/vmlinuz-") or n.startswith("./boot/config-"))
+    files = deb_members(deb, lambda n: n.startswith(("./boot/vmlinuz-", "./boot/config-", "./boot/System.map-")))
     vmlinuz = [n for n in files if n.startswith("./boot/vmlinuz-")]
     if len(vmlinuz) != 1:
         raise BuildError(f"expected one /boot/vmlinuz-* in {deb.name}, found {vmlinuz}")
@@ -372,6 +372,8 @@ def build_vmlinux(kernel_pkg: Package, deb: Path, out: Path, stamps: Stamps) -> 
         raise BuildError(f"vmlinux is not an x86-64 executable (e_machine {ei.machine}, e_type {ei.etype})")
     write_if_changed(vmlinux, elf)
     write_if_changed(config, files.get(f"./boot/config-{release}", b""))
+    # The symbols, for profile.py (guest RIP samples from `ibsvm run --guest-profile`).
+    write_if_changed(system_map, files.get(f"./boot/System.map-{release}", b""))
     info = {
         "release": release,
         "banner": kernel_banner(elf),
@@ -382,7 +384,7 @@ def build_vmlinux(kernel_pkg: Package, deb: Path, out: Path, stamps: Stamps) -> 
         "notes": ei.notes,
     }
     write_if_changed(info_path, (json.dumps(info, indent=1) + "\n").encode())
-    stamps.record("vmlinux", key, [vmlinux, config])
+    stamps.record("vmlinux", key, [vmlinux, config, system_map])
     step("vmlinux", f"{release}: {compression} payload -> ELF64 x86-64, {len(elf)} bytes, entry {ei.entry:#x}")
     return info
 

@@ -73,6 +73,37 @@ impl Run {
             .unwrap_or_else(|| panic!("ibsvm was killed: {self}"))
     }
 
+    /// Asserts a test-kernel test passed: its banner, `PASS`, no `FAIL`, status 0.
+    pub fn assert_testkernel_pass(&self, test: &str) {
+        self.assert_line(&format!("ibsvm testkernel: {test}"));
+        self.assert_line("PASS");
+        assert!(!self.stdout.contains("FAIL"), "{self}");
+        assert_eq!(self.code(), 0, "{self}");
+    }
+
+    /// The value of an `ibsvm stats: NAME N` line on stderr (`--stats`).
+    pub fn stat(&self, name: &str) -> u64 {
+        let prefix = format!("ibsvm stats: {name} ");
+        self.stderr
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no stats line for {name}\n{self}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("stats line for {name}: {e}\n{self}"))
+    }
+
+    /// The number in a console line `{prefix}N{suffix}`.
+    pub fn console_number(&self, prefix: &str, suffix: &str) -> u64 {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix(prefix)?.strip_suffix(suffix))
+            .unwrap_or_else(|| panic!("no console line {prefix:?}N{suffix:?}\n{self}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("console line {prefix:?}: {e}\n{self}"))
+    }
+
     /// Asserts that the console shows `line` as a whole line.
     pub fn assert_line(&self, line: &str) {
         assert!(
@@ -137,4 +168,19 @@ pub fn ibsvm(args: &[&str], deadline: Duration) -> Run {
         stderr: err_reader.join().unwrap_or_default(),
         elapsed: start.elapsed(),
     }
+}
+
+/// Boots the test kernel with `cmdline` and extra `ibsvm run` flags (KVM required).
+pub fn boot_testkernel(cmdline: &str, extra: &[&str]) -> Run {
+    require_kvm();
+    let kernel = image("testkernel.elf");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().expect("UTF-8 path"),
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    ibsvm(&args, Duration::from_secs(120))
 }

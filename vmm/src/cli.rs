@@ -23,6 +23,15 @@ Options of `run`:
   --memory MIB          guest RAM in MiB (default 256)
   --cpus N              number of vCPUs, 1..=32 (default 1)
   --stats               when the VM ends, print exit counts and wall time to stderr
+  --guest-profile PATH  sample each vCPU's RIP every millisecond of its run time and
+                        write `vcpu rip` lines to PATH when the VM ends (symbolize a
+                        Linux guest with guest-images/linux/profile.py)
+  --linux-tsc-scale N   tell a Linux guest its TSC runs N times faster than it does
+                        (appends tsc_early_khz): timer interrupts, the tick included,
+                        then fire N times later in wall time while kvm-clock keeps the
+                        time right. On CPL0-emulating hosts an emulated tick costs about
+                        a tick period; N=10 gives the guest its CPU back. Guest sleeps
+                        last N times longer. Default 1 (off)
   --cpl0-quirks MODE    auto|on|off (default auto): on hosts whose KVM emulates guest
                         CPL0 code, hide CPUID CX16, complete int3/fwait/fences, route
                         system calls, and append the parameters a Linux guest needs
@@ -146,6 +155,8 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
     let mut ibs_race = None;
     let mut ibs_seed = None;
     let mut ibs_scale = None;
+    let mut guest_profile = None;
+    let mut tsc_scale = None;
     let mut stats = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -211,6 +222,20 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
                     _ => return Err(bad(&flag, &v, "expected auto, on or off")),
                 };
                 set(&mut quirks, &flag, mode)?
+            }
+            "--guest-profile" => set(
+                &mut guest_profile,
+                &flag,
+                PathBuf::from(slot_value(&mut args)?),
+            )?,
+            "--linux-tsc-scale" => {
+                let v = slot_value(&mut args)?;
+                let n = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| bad(&flag, &v, "expected 1..=100"))?;
+                set(&mut tsc_scale, &flag, n)?
             }
             "--ibs" => {
                 let v = slot_value(&mut args)?;
@@ -278,6 +303,8 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
             boot,
             quirks: quirks.unwrap_or(QuirkMode::Auto),
             ibs,
+            guest_profile,
+            linux_tsc_scale: tsc_scale.unwrap_or(1),
         },
         stats,
     })
@@ -385,6 +412,34 @@ mod tests {
                 matches!(p(&args), Err(UsageError::BadValue { .. })),
                 "{bad_args:?}"
             );
+        }
+    }
+
+    #[test]
+    fn profile_and_tsc_scale() {
+        let Command::Run { config, .. } = p(&[
+            "run",
+            "--kernel",
+            "k",
+            "--guest-profile",
+            "prof.txt",
+            "--linux-tsc-scale",
+            "10",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(config.guest_profile, Some(PathBuf::from("prof.txt")));
+        assert_eq!(config.linux_tsc_scale, 10);
+        let Command::Run { config, .. } = p(&["run", "--kernel", "k"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((config.guest_profile, config.linux_tsc_scale), (None, 1));
+        for bad_scale in ["0", "101", "x"] {
+            assert!(matches!(
+                p(&["run", "--kernel", "k", "--linux-tsc-scale", bad_scale]),
+                Err(UsageError::BadValue { .. })
+            ));
         }
     }
 

@@ -1,7 +1,7 @@
 //! A VM: KVM objects, guest memory, devices and vCPU threads, from start-up to the end.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,8 +30,9 @@ use crate::memory::{self, MemoryError};
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
 use crate::vcpu::exit::DispatchPolicy;
+use crate::vcpu::profile::GuestProfiler;
 use crate::vcpu::syscall_bridge::{PfTrap, MSR_LSTAR, MSR_SFMASK};
-use crate::vcpu::{kick, Vcpu, VcpuError};
+use crate::vcpu::{kick, Vcpu, VcpuError, VcpuReport};
 use vpmu::IBS_MSR_RANGE;
 
 /// Capabilities ibsvm cannot run without, and why.
@@ -66,6 +67,30 @@ pub struct VmConfig {
     pub quirks: QuirkMode,
     /// The virtual IBS PMU.
     pub ibs: IbsSettings,
+    /// `--guest-profile`: where to write the guest RIP samples.
+    pub guest_profile: Option<PathBuf>,
+    /// `--linux-tsc-scale`: tell a Linux guest its TSC runs this many times faster (1 = off).
+    pub linux_tsc_scale: u32,
+}
+
+/// `--guest-profile` samples each vCPU's RIP every millisecond of its run time.
+pub const PROFILE_INTERVAL_NS: u64 = 1_000_000;
+
+/// Writes the profile: a header, then one `vcpu rip` line (hexadecimal RIP) per sample.
+fn write_profile(path: &Path, profiles: &[Vec<u64>]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(
+        out,
+        "# ibsvm guest profile: vcpu rip, one sample per {} us of vCPU run time",
+        PROFILE_INTERVAL_NS / 1000
+    )?;
+    for (vcpu, samples) in profiles.iter().enumerate() {
+        for rip in samples {
+            writeln!(out, "{vcpu} {rip:016x}")?;
+        }
+    }
+    out.flush()
 }
 
 /// Errors before or while running the VM (not guest behaviour: that is a [`GuestStop`]).
@@ -116,6 +141,14 @@ pub enum VmError {
     /// Bad synthetic-source settings.
     #[error(transparent)]
     Synthetic(#[from] vpmu::SyntheticError),
+    /// Writing the `--guest-profile` file failed.
+    #[error("cannot write the guest profile {path}: {source}")]
+    Profile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// `--cpus` out of range.
     #[error("--cpus {0}: must be 1..={max}", max = boot::mptable::MAX_CPUS)]
     CpuCount(u8),
@@ -220,6 +253,7 @@ pub struct RunReport {
 /// A VM ready to run.
 pub struct Vm {
     _kvm: Kvm,
+    guest_profile: Option<PathBuf>,
     shared: Arc<VmShared>,
     vcpus: Vec<Vcpu>,
     started: Instant,
@@ -362,20 +396,6 @@ impl Vm {
         install_msr_filter(&kvm, &vm, ibs_on, emulated_cpl0)?;
 
         let kernel = boot::load_kernel(&mem, spec)?;
-        let (cmdline, added) = guest_cmdline(&spec.cmdline, emulated_cpl0 && kernel.is_linux);
-        if emulated_cpl0 {
-            let why = match config.quirks {
-                QuirkMode::Auto => host.evidence.as_str(),
-                _ => "--cpl0-quirks on",
-            };
-            let params = if added.is_empty() {
-                String::new()
-            } else {
-                format!("; appended to the kernel command line: {}", added.join(" "))
-            };
-            log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences and routing system calls in ibsvm{params}");
-        }
-        boot::write_boot_data(&mem, spec, &kernel, &cmdline)?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial irq eventfd"))?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -418,16 +438,44 @@ impl Vm {
             let cpuid = CpuId::from_entries(&entries)
                 .map_err(|_| VmError::Runtime("CPUID table too large".into()))?;
             let ibs = if ibs_on {
-                Some(VcpuIbs::new(&config.ibs, id)?)
+                Some(VcpuIbs::new(&config.ibs, id, emulated_cpl0)?)
             } else {
                 None
             };
-            let mut vcpu = Vcpu::new(fd, id, mem.clone(), policy, ibs);
+            let profiler = config
+                .guest_profile
+                .as_ref()
+                .map(|_| GuestProfiler::new(PROFILE_INTERVAL_NS));
+            let mut vcpu = Vcpu::new(fd, id, mem.clone(), policy, ibs, profiler);
             vcpu.configure(&cpuid, (id == 0).then_some(kernel.entry))?;
             vcpus.push(vcpu);
         }
+        let (cmdline, added) = guest_cmdline(&spec.cmdline, emulated_cpl0 && kernel.is_linux);
+        if emulated_cpl0 {
+            let why = match config.quirks {
+                QuirkMode::Auto => host.evidence.as_str(),
+                _ => "--cpl0-quirks on",
+            };
+            let params = if added.is_empty() {
+                String::new()
+            } else {
+                format!("; appended to the kernel command line: {}", added.join(" "))
+            };
+            log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences and routing system calls in ibsvm{params}");
+        }
+        let cmdline = match (config.linux_tsc_scale, kernel.is_linux) {
+            (scale @ 2.., true) => {
+                let khz = vcpus[0].tsc_khz()?;
+                let param = format!("tsc_early_khz={}", u64::from(khz) * u64::from(scale));
+                log::info!("--linux-tsc-scale {scale}: appended {param} (guest timers fire {scale}x later in wall time)");
+                format!("{cmdline} {param}")
+            }
+            _ => cmdline,
+        };
+        boot::write_boot_data(&mem, spec, &kernel, &cmdline)?;
         Ok(Self {
             _kvm: kvm,
+            guest_profile: config.guest_profile.clone(),
             shared,
             vcpus,
             started,
@@ -457,7 +505,7 @@ impl Vm {
             .map_err(host_err("stdin forwarding"))?;
         events.add_subscriber(Arc::new(Mutex::new(stdin)));
 
-        let mut threads: Vec<JoinHandle<Counters>> = Vec::new();
+        let mut threads: Vec<JoinHandle<VcpuReport>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
             let shared = self.shared.clone();
             let handle = std::thread::Builder::new()
@@ -481,13 +529,23 @@ impl Vm {
             kick::kick(t.as_pthread_t());
         }
         let mut exits = Counters::default();
+        let mut profiles = Vec::new();
         for t in threads {
             match t.join() {
-                Ok(c) => exits.merge(&c),
+                Ok(report) => {
+                    exits.merge(&report.counters);
+                    profiles.push(report.profile);
+                }
                 Err(_) => self.shared.fail("a vCPU thread panicked".into()),
             }
         }
         serial::flush_console(self.shared.devices().serial());
+        if let Some(path) = &self.guest_profile {
+            write_profile(path, &profiles).map_err(|source| VmError::Profile {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let stats = RunStats {
             exits,
             wall: self.started.elapsed(),

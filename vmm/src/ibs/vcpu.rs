@@ -1,5 +1,5 @@
-//! One vCPU's virtual IBS: the `vpmu` device, the guest run-time clock its synthetic source
-//! samples on, and the timer that stops the vCPU at the next sample point.
+//! One vCPU's virtual IBS: the `vpmu` device and the guest run-time clock its synthetic
+//! source samples on (the vCPU loop stops the vCPU at the device's deadlines).
 
 use vpmu::{
     is_vpmu_msr, Interrupt, NoGuestContext, RaceEvent, SamplePoint, SyntheticConfig,
@@ -9,7 +9,6 @@ use vpmu::{
 use super::IbsSettings;
 use crate::stats::Counters;
 use crate::vcpu::exit::MsrHandler;
-use crate::vcpu::timer::KickTimer;
 
 /// Per-vCPU seed spread (the 64-bit golden ratio, as in SplitMix64).
 const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -19,17 +18,26 @@ pub struct VcpuIbs {
     dev: Vpmu<SyntheticSource>,
     /// Nanoseconds this vCPU spent inside KVM_RUN: the synthetic source's clock.
     guest_ns: u64,
-    /// Created on the vCPU thread at its first use.
-    timer: Option<KickTimer>,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
     nmi_in_service: bool,
     nmis_injected: u64,
     fixed_injected: u64,
+    /// See [`VcpuIbs::account_run`]; 1 where KVM runs CPL0 code natively.
+    cpl0_time_divisor: u64,
 }
 
+/// How much slower this host's KVM runs emulated CPL0 code than native code, roughly
+/// (shared/docs/host-kvm.md: ~1.8 M emulated instructions/s against native ~0.2 ns per
+/// loop iteration): the divisor [`VcpuIbs::account_run`] applies there.
+pub const CPL0_EMULATION_SLOWDOWN: u64 = 1000;
+
 impl VcpuIbs {
-    /// The device for vCPU `id`.
-    pub fn new(settings: &IbsSettings, id: u8) -> Result<Self, SyntheticError> {
+    /// The device for vCPU `id`; `emulated_cpl0` when the host's KVM emulates CPL0 code.
+    pub fn new(
+        settings: &IbsSettings,
+        id: u8,
+        emulated_cpl0: bool,
+    ) -> Result<Self, SyntheticError> {
         let source = SyntheticSource::new(SyntheticConfig {
             seed: settings.seed ^ SEED_STRIDE.wrapping_mul(u64::from(id) + 1),
             ns_per_op: settings.ns_per_op,
@@ -43,30 +51,38 @@ impl VcpuIbs {
         Ok(Self {
             dev: Vpmu::new(config, source),
             guest_ns: 0,
-            timer: None,
             nmi_in_service: false,
             nmis_injected: 0,
             fixed_injected: 0,
+            cpl0_time_divisor: if emulated_cpl0 {
+                CPL0_EMULATION_SLOWDOWN
+            } else {
+                1
+            },
         })
     }
 
-    /// Before KVM_RUN: make sure the vCPU stops by the source's next deadline.
-    pub fn before_run(&mut self) -> std::io::Result<()> {
-        match self.dev.next_deadline() {
-            Some(deadline) => {
-                let timer = match &mut self.timer {
-                    Some(t) => t,
-                    None => self.timer.insert(KickTimer::for_this_thread()?),
-                };
-                timer.arm_in(deadline.saturating_sub(self.guest_ns))
-            }
-            None => self.timer.as_mut().map_or(Ok(()), KickTimer::disarm),
-        }
+    /// How long (guest ns) until the source's next deadline, if it has one.
+    pub fn deadline_in(&self) -> Option<u64> {
+        self.dev
+            .next_deadline()
+            .map(|d| d.saturating_sub(self.guest_ns))
     }
 
-    /// Adds the time of one KVM_RUN to the guest clock.
-    pub fn account_run(&mut self, ns: u64) {
-        self.guest_ns += ns;
+    /// Adds one KVM_RUN of `ns` nanoseconds to the guest clock; `native` says whether the
+    /// vCPU was at CPL3 when it entered and when it left.
+    ///
+    /// The synthetic source turns guest time into counted ops. Where KVM emulates CPL0 code
+    /// (~0.5 µs an instruction instead of a fraction of a nanosecond), time spent in the
+    /// kernel would otherwise buy thousands of times its share of samples, and a period the
+    /// guest's NMI handler re-arms would expire inside that handler; such runs count
+    /// `1/cpl0_time_divisor` of their time.
+    pub fn account_run(&mut self, ns: u64, native: bool) {
+        self.guest_ns += if native {
+            ns
+        } else {
+            ns / self.cpl0_time_divisor
+        };
     }
 
     /// After an exit: note an NMI return, take a sample if one is due at `rip`, and return
@@ -162,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_sample_becomes_one_nmi() {
-        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0).unwrap();
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         assert_eq!(ibs.rdmsr(EILVT0), Some(Ok(0x10000)), "EILVT resets masked");
         assert_eq!(
             ibs.wrmsr(EILVT0, 0x400),
@@ -171,7 +187,7 @@ mod tests {
         );
         assert_eq!(ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN), Some(Ok(())));
         assert_eq!(ibs.after_exit(0x40_1000, false), None, "no time has passed");
-        ibs.account_run(10_000_000);
+        ibs.account_run(10_000_000, true);
         assert_eq!(ibs.after_exit(0x40_1000, false), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
         assert_eq!(ibs.after_exit(0x40_1000, true), None, "one NMI per sample");
@@ -193,24 +209,41 @@ mod tests {
 
     #[test]
     fn periods_start_at_the_enabling_write() {
-        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0).unwrap();
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // 50 ms of guest time pass before the guest enables a 65 536-op (65.5 µs) period.
-        ibs.account_run(50_000_000);
+        ibs.account_run(50_000_000, true);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
             ibs.after_exit(0x1234, false),
             None,
             "no sample at the enabling write"
         );
-        ibs.account_run(65_536);
+        ibs.account_run(65_536, true);
         assert_eq!(ibs.after_exit(0x40_2000, false), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
     }
 
     #[test]
+    fn emulated_kernel_time_counts_less() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, true).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
+        ibs.account_run(3_000_000, false);
+        assert_eq!(ibs.after_exit(0xffff_ffff_8100_0000, false), None);
+        ibs.account_run(65_536, true);
+        assert_eq!(ibs.after_exit(0x40_2000, false), Some(Interrupt::Nmi));
+        assert_eq!(
+            ibs.rdmsr(0xc001_1034),
+            Some(Ok(0x40_2000)),
+            "the sample is in user code"
+        );
+    }
+
+    #[test]
     fn other_msrs_are_not_ours() {
-        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 1).unwrap();
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 1, false).unwrap();
         assert_eq!(ibs.rdmsr(0x10), None);
         assert_eq!(ibs.wrmsr(0xc000_0082, 1), None);
         assert_eq!(

@@ -4,6 +4,7 @@ pub mod completion;
 pub mod exit;
 pub mod guest_walk;
 pub mod kick;
+pub mod profile;
 pub mod syscall_bridge;
 pub mod timer;
 
@@ -22,7 +23,9 @@ use crate::stop::GuestStop;
 use crate::vm::VmShared;
 use completion::Completion;
 use exit::{dispatch, DispatchPolicy, Exit, MsrHandler, NoMsrs, Outcome};
+use profile::GuestProfiler;
 use syscall_bridge::SyscallBridge;
+use timer::KickTimer;
 use vpmu::Interrupt;
 
 /// Local APIC register offsets and LVT delivery modes (Intel SDM vol. 3A §10.5.1).
@@ -69,8 +72,25 @@ pub struct Vcpu {
     mem: GuestMemoryMmap,
     policy: DispatchPolicy,
     ibs: Option<VcpuIbs>,
+    profiler: Option<GuestProfiler>,
     bridge: SyscallBridge,
     counters: Counters,
+    /// Nanoseconds spent inside KVM_RUN, in all and in the last one.
+    run_ns: u64,
+    last_run_ns: u64,
+    /// The guest's CPL at the last exit (so at the next entry).
+    cpl: u8,
+    /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
+    timer: Option<KickTimer>,
+}
+
+/// What a vCPU thread hands back when the VM ends.
+#[derive(Debug, Default)]
+pub struct VcpuReport {
+    /// Exit counters.
+    pub counters: Counters,
+    /// `--guest-profile` RIP samples.
+    pub profile: Vec<u64>,
 }
 
 impl Vcpu {
@@ -81,6 +101,7 @@ impl Vcpu {
         mem: GuestMemoryMmap,
         policy: DispatchPolicy,
         ibs: Option<VcpuIbs>,
+        profiler: Option<GuestProfiler>,
     ) -> Self {
         Self {
             fd,
@@ -88,9 +109,21 @@ impl Vcpu {
             mem,
             policy,
             ibs,
+            profiler,
             bridge: SyscallBridge::default(),
             counters: Counters::default(),
+            run_ns: 0,
+            last_run_ns: 0,
+            cpl: 0,
+            timer: None,
         }
+    }
+
+    /// The guest TSC frequency KVM gives this vCPU, in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(self.ioctl_err("KVM_GET_TSC_KHZ"))
     }
 
     fn ioctl_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -155,15 +188,35 @@ impl Vcpu {
         self.fd.set_sync_valid_reg(SyncReg::Register);
         // And the event state: whether the guest is inside an NMI handler (NMIs masked).
         self.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        if self.ibs.is_some() {
+            // And the segment registers: the CPL, for the IBS clock.
+            self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         Ok(())
     }
 
-    /// Runs the vCPU until the VM stops; returns its exit counters.
-    pub fn run(mut self, shared: Arc<VmShared>) -> Counters {
+    /// Makes sure the vCPU leaves KVM_RUN by the next IBS deadline or profiler tick.
+    fn arm_timer(&mut self) -> std::io::Result<()> {
+        let ibs = self.ibs.as_ref().and_then(VcpuIbs::deadline_in);
+        let profile = self.profiler.as_ref().map(|p| p.due_in(self.run_ns));
+        match ibs.into_iter().chain(profile).min() {
+            Some(ns) => {
+                let timer = match &mut self.timer {
+                    Some(t) => t,
+                    None => self.timer.insert(KickTimer::for_this_thread()?),
+                };
+                timer.arm_in(ns)
+            }
+            None => self.timer.as_mut().map_or(Ok(()), KickTimer::disarm),
+        }
+    }
+
+    /// Runs the vCPU until the VM stops.
+    pub fn run(mut self, shared: Arc<VmShared>) -> VcpuReport {
         kick::publish(self.fd.get_kvm_run());
         while !shared.stopping() {
-            if let Some(Err(e)) = self.ibs.as_mut().map(VcpuIbs::before_run) {
-                shared.fail(format!("vCPU {}: IBS sample timer: {e}", self.id));
+            if let Err(e) = self.arm_timer() {
+                shared.fail(format!("vCPU {}: sample timer: {e}", self.id));
                 break;
             }
             match self.step(&shared) {
@@ -194,14 +247,28 @@ impl Vcpu {
         if let Some(ibs) = &self.ibs {
             ibs.add_counters(&mut self.counters);
         }
-        self.counters
+        VcpuReport {
+            counters: self.counters,
+            profile: self
+                .profiler
+                .map(GuestProfiler::into_samples)
+                .unwrap_or_default(),
+        }
     }
 
-    /// Virtual IBS work between exits: report races, take due samples, inject the NMI.
+    /// Work between exits: the profiler's sample; for virtual IBS, report races, take due
+    /// samples, inject the NMI.
     fn after_exit(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
+        if let Some(profiler) = &mut self.profiler {
+            profiler.after_exit(self.run_ns, self.fd.sync_regs().regs.rip);
+        }
         let Some(ibs) = &mut self.ibs else {
             return Ok(());
         };
+        // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
+        let cpl = (self.fd.sync_regs().sregs.cs.selector & 3) as u8;
+        ibs.account_run(self.last_run_ns, self.cpl == 3 && cpl == 3);
+        self.cpl = cpl;
         if let Some(race) = ibs.take_race() {
             log::warn!("vCPU {}: {race}", self.id);
             if race.fatal {
@@ -262,9 +329,9 @@ impl Vcpu {
         let policy = self.policy;
         let started = Instant::now();
         let result = self.fd.run();
-        if let Some(ibs) = &mut self.ibs {
-            ibs.account_run(started.elapsed().as_nanos() as u64);
-        }
+        let ran = started.elapsed().as_nanos() as u64;
+        self.run_ns += ran;
+        self.last_run_ns = ran;
         let msrs: &mut dyn MsrHandler = match &mut self.ibs {
             Some(ibs) => ibs,
             None => &mut NoMsrs,
