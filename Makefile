@@ -49,8 +49,10 @@ lint:
 test: build images lint
 	$(CARGO) test --release --locked --workspace
 
+## make bench: vpmu_rdmsr_ns, vpmu_wrmsr_ns (the device alone) and ibs_msr_exit_ratio
+## (a guest's trapped IBS RDMSR against a trapped MSR with no device; target <= 1.05).
 bench: build testkernel
-	$(CARGO) bench --locked -p vpmu
+	$(CARGO) bench --locked -p vpmu -p ibsvm-tests
 
 clean:
 	$(CARGO) clean

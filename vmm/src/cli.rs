@@ -56,6 +56,10 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
   --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
                         (default 1.0: a period of MaxCnt*16 ops lasts that many ns)
 
+Benchmarking:
+  --null-msr INDEX      trap MSR INDEX to ibsvm and answer it with no device at all
+                        (reads 0, writes ignored): the baseline of `make bench`
+
 The console is COM1 (ttyS0) on stdin/stdout. A guest ends the VM by writing a byte
 to I/O port 0xf4.
 
@@ -157,6 +161,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
     let mut ibs_scale = None;
     let mut guest_profile = None;
     let mut tsc_scale = None;
+    let mut null_msr = None;
     let mut stats = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -228,6 +233,20 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
                 &flag,
                 PathBuf::from(slot_value(&mut args)?),
             )?,
+            "--null-msr" => {
+                let v = slot_value(&mut args)?;
+                let index = parse_u64(&v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| !vpmu::is_vpmu_msr(*n))
+                    .ok_or_else(|| {
+                        bad(
+                            &flag,
+                            &v,
+                            "expected an MSR index outside the IBS and extended-APIC MSRs",
+                        )
+                    })?;
+                set(&mut null_msr, &flag, index)?
+            }
             "--linux-tsc-scale" => {
                 let v = slot_value(&mut args)?;
                 let n = v
@@ -305,6 +324,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
             ibs,
             guest_profile,
             linux_tsc_scale: tsc_scale.unwrap_or(1),
+            null_msr,
         },
         stats,
     })
@@ -435,6 +455,19 @@ mod tests {
             panic!()
         };
         assert_eq!((config.guest_profile, config.linux_tsc_scale), (None, 1));
+        assert_eq!(config.null_msr, None);
+        let Command::Run { config, .. } =
+            p(&["run", "--kernel", "k", "--null-msr", "0xc0011ff0"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(config.null_msr, Some(0xc001_1ff0));
+        for bad_msr in ["0xc0011033", "0x850", "0x1_0000_0000", "msr"] {
+            assert!(matches!(
+                p(&["run", "--kernel", "k", "--null-msr", bad_msr]),
+                Err(UsageError::BadValue { .. })
+            ));
+        }
         for bad_scale in ["0", "101", "x"] {
             assert!(matches!(
                 p(&["run", "--kernel", "k", "--linux-tsc-scale", bad_scale]),

@@ -71,6 +71,8 @@ pub struct VmConfig {
     pub guest_profile: Option<PathBuf>,
     /// `--linux-tsc-scale`: tell a Linux guest its TSC runs this many times faster (1 = off).
     pub linux_tsc_scale: u32,
+    /// `--null-msr`: an MSR answered with no device (benchmark baseline).
+    pub null_msr: Option<u32>,
 }
 
 /// `--guest-profile` samples each vCPU's RIP every millisecond of its run time.
@@ -284,14 +286,16 @@ pub fn guest_cmdline(user: &str, linux_on_cpl0_emulation: bool) -> (String, Vec<
 
 /// Sends the MSRs ibsvm emulates to userspace; everything else stays with KVM.
 /// - the IBS range C001_1030..C001_103F, read and write, when the guest has IBS;
-/// - guest writes of LSTAR and SFMASK, for the syscall bridge.
+/// - guest writes of LSTAR and SFMASK, for the syscall bridge;
+/// - the `--null-msr`, read and write.
 fn install_msr_filter(
     kvm: &Kvm,
     vm: &VmFd,
     ibs: bool,
     syscall_bridge: bool,
+    null_msr: Option<u32>,
 ) -> Result<(), VmError> {
-    if !ibs && !syscall_bridge {
+    if !ibs && !syscall_bridge && null_msr.is_none() {
         return Ok(());
     }
     if !kvm.check_extension(Cap::X86MsrFilter) {
@@ -323,6 +327,16 @@ fn install_msr_filter(
             base: MSR_LSTAR,
             msr_count: 3,
             bitmap: &syscall_bitmap,
+        });
+    }
+    let null_bitmap = [0u8];
+    if let Some(base) = null_msr {
+        let flags = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+        ranges.push(MsrFilterRange {
+            flags,
+            base,
+            msr_count: 1,
+            bitmap: &null_bitmap,
         });
     }
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
@@ -393,7 +407,7 @@ impl Vm {
             log::info!("{note}");
         }
         let ibs_on = ibs_backend != IbsBackend::Off;
-        install_msr_filter(&kvm, &vm, ibs_on, emulated_cpl0)?;
+        install_msr_filter(&kvm, &vm, ibs_on, emulated_cpl0, config.null_msr)?;
 
         let kernel = boot::load_kernel(&mem, spec)?;
 
@@ -416,6 +430,7 @@ impl Vm {
         let policy = DispatchPolicy {
             complete_instructions: emulated_cpl0,
             syscall_bridge: emulated_cpl0,
+            null_msr: config.null_msr,
         };
         let mut vcpus = Vec::with_capacity(spec.cpus.into());
         for id in 0..spec.cpus {

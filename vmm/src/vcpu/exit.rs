@@ -150,6 +150,9 @@ pub struct DispatchPolicy {
     /// Route system calls (see [`super::syscall_bridge`]): LSTAR/SFMASK writes and debug
     /// exits belong to the bridge.
     pub syscall_bridge: bool,
+    /// `--null-msr`: an MSR trapped to userspace and answered with no device at all (reads
+    /// 0, writes ignored), the baseline of MSR-exit benchmarks.
+    pub null_msr: Option<u32>,
 }
 
 fn crash(kind: CrashKind) -> Outcome {
@@ -181,6 +184,11 @@ pub fn dispatch(
             Outcome::Resume
         }
         Exit::MmioWrite { .. } | Exit::Interrupted | Exit::Hlt => Outcome::Resume,
+        Exit::RdMsr { index, data, .. } if Some(index) == policy.null_msr => {
+            *data = 0;
+            Outcome::Resume
+        }
+        Exit::WrMsr { index, .. } if Some(index) == policy.null_msr => Outcome::Resume,
         Exit::RdMsr { index, data, error } => {
             match msrs.rdmsr(index) {
                 Some(Ok(value)) => *data = value,
@@ -269,10 +277,12 @@ mod tests {
     const QUIRKS: DispatchPolicy = DispatchPolicy {
         complete_instructions: true,
         syscall_bridge: true,
+        null_msr: None,
     };
     const NORMAL: DispatchPolicy = DispatchPolicy {
         complete_instructions: false,
         syscall_bridge: false,
+        null_msr: None,
     };
 
     fn run(exit: Exit<'_>, policy: DispatchPolicy) -> Outcome {
@@ -375,6 +385,36 @@ mod tests {
             NORMAL,
         );
         assert_eq!(error, 1);
+    }
+
+    #[test]
+    fn the_null_msr_reads_zero_without_a_device() {
+        let policy = DispatchPolicy {
+            null_msr: Some(0xc001_1ff0),
+            ..NORMAL
+        };
+        let (mut data, mut error) = (7, 0);
+        let exit = Exit::RdMsr {
+            index: 0xc001_1ff0,
+            data: &mut data,
+            error: &mut error,
+        };
+        assert_eq!(run(exit, policy), Outcome::Resume);
+        assert_eq!((data, error), (0, 0));
+        let exit = Exit::WrMsr {
+            index: 0xc001_1ff0,
+            value: 5,
+            error: &mut error,
+        };
+        assert_eq!(run(exit, policy), Outcome::Resume);
+        assert_eq!(error, 0);
+        let exit = Exit::RdMsr {
+            index: 0xc001_1ff1,
+            data: &mut data,
+            error: &mut error,
+        };
+        run(exit, policy);
+        assert_eq!(error, 1, "only that MSR");
     }
 
     #[test]

@@ -168,6 +168,15 @@ fn main() {
         c.info(format_args!("{pmu} {}", pmu_attributes(pmu)));
     }
 
+    // Every guest kernel instruction is emulated on some hosts (an NMI handler then takes
+    // milliseconds): without this, perf's interrupt-time limit lowers the sample rate and
+    // throttles the event within a few samples. 0 disables that limit
+    // (Documentation/admin-guide/sysctl/kernel.rst, perf_cpu_time_max_percent).
+    match std::fs::write("/proc/sys/kernel/perf_cpu_time_max_percent", "0\n") {
+        Ok(()) => c.info("set kernel.perf_cpu_time_max_percent=0"),
+        Err(e) => c.info(format_args!("kernel.perf_cpu_time_max_percent unchanged: {e}")),
+    }
+
     // 2. ibs_op sampling.
     let loop_range = loop_range();
     c.info(format_args!(
