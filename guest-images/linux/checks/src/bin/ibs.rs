@@ -174,7 +174,9 @@ fn main() {
     // (Documentation/admin-guide/sysctl/kernel.rst, perf_cpu_time_max_percent).
     match std::fs::write("/proc/sys/kernel/perf_cpu_time_max_percent", "0\n") {
         Ok(()) => c.info("set kernel.perf_cpu_time_max_percent=0"),
-        Err(e) => c.info(format_args!("kernel.perf_cpu_time_max_percent unchanged: {e}")),
+        Err(e) => c.info(format_args!(
+            "kernel.perf_cpu_time_max_percent unchanged: {e}"
+        )),
     }
 
     // 2. ibs_op sampling.
