@@ -83,6 +83,8 @@ pub enum GuestStop {
         rip: u64,
         /// What happened.
         kind: CrashKind,
+        /// The bytes at RIP (up to 15, empty if unreadable).
+        code: Vec<u8>,
     },
 }
 
@@ -105,8 +107,18 @@ impl fmt::Display for GuestStop {
             Self::Reset(how) => write!(f, "guest reset ({how})"),
             Self::PowerOff => write!(f, "guest powered off"),
             Self::IbsRace { vcpu, report } => write!(f, "vCPU {vcpu}: {report}"),
-            Self::Crash { vcpu, rip, kind } => {
-                write!(f, "guest crashed on vCPU {vcpu} at RIP {rip:#x}: {kind}")
+            Self::Crash {
+                vcpu,
+                rip,
+                kind,
+                code,
+            } => {
+                write!(f, "guest crashed on vCPU {vcpu} at RIP {rip:#x}: {kind}")?;
+                if !code.is_empty() && !matches!(kind, CrashKind::EmulationFailure { .. }) {
+                    write!(f, "; code at RIP:")?;
+                    code.iter().try_for_each(|b| write!(f, " {b:02x}"))?;
+                }
+                Ok(())
             }
         }
     }
@@ -127,11 +139,22 @@ mod tests {
             kind: CrashKind::EmulationFailure {
                 insn: vec![0x0f, 0xb8],
             },
+            code: vec![0x0f, 0xb8, 0xc0],
         };
         assert_eq!(crash.exit_status(), EXIT_GUEST_CRASH);
         assert_eq!(
             crash.to_string(),
             "guest crashed on vCPU 1 at RIP 0x1000: instruction emulation failed on bytes 0f b8"
+        );
+        let triple = GuestStop::Crash {
+            vcpu: 0,
+            rip: 0x2000,
+            kind: CrashKind::TripleFault,
+            code: vec![0x48, 0x8b, 0x00],
+        };
+        assert_eq!(
+            triple.to_string(),
+            "guest crashed on vCPU 0 at RIP 0x2000: triple fault; code at RIP: 48 8b 00"
         );
     }
 }

@@ -109,7 +109,8 @@ pub enum Outcome {
         /// Guest RIP.
         pc: u64,
     },
-    /// The VM is over; `Crash` stops carry vCPU 0 / RIP 0 until the loop fills them in.
+    /// The VM is over; `Crash` stops carry vCPU 0, RIP 0 and no code until the loop fills
+    /// them in.
     Stop(GuestStop),
 }
 
@@ -160,6 +161,7 @@ fn crash(kind: CrashKind) -> Outcome {
         vcpu: 0,
         rip: 0,
         kind,
+        code: Vec::new(),
     })
 }
 

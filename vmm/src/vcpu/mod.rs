@@ -309,6 +309,7 @@ impl Vcpu {
                 vcpu: self.id,
                 rip: self.rip(),
                 kind,
+                code: self.code_at_rip(),
             },
             other => other,
         }
@@ -446,12 +447,18 @@ impl Vcpu {
                 return (suberror, bytes.insn_bytes[..n].to_vec());
             }
         }
-        let mut buf = [0u8; 15];
+        (suberror, self.code_at_rip())
+    }
+
+    /// Up to 15 bytes (the longest x86 instruction) at the guest's RIP, through its page
+    /// tables; fewer if they are not mapped.
+    fn code_at_rip(&self) -> Vec<u8> {
+        let mut code = [0u8; 15];
         let n = match self.fd.get_sregs() {
-            Ok(sregs) => guest_walk::read_virt(&self.mem, sregs.cr3, self.rip(), &mut buf),
+            Ok(sregs) => guest_walk::read_virt(&self.mem, sregs.cr3, self.rip(), &mut code),
             Err(_) => 0,
         };
-        (suberror, buf[..n].to_vec())
+        code[..n].to_vec()
     }
 
     /// Completes an instruction the emulator rejected (see [`completion`]).
