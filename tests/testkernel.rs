@@ -1,7 +1,11 @@
 //! The test kernel (guest-images/testkernel) under real KVM: what it reports on the
 //! console and through the test-exit port.
 
-use ibsvm_tests::{boot_testkernel, Run};
+use std::time::Duration;
+
+use ibsvm_tests::{
+    boot_image, boot_testkernel, boot_testkernel_with_input, ibsvm, image, Input, Run,
+};
 
 fn boot(cmdline: &str, extra: &[&str]) -> Run {
     boot_testkernel(cmdline, extra)
@@ -113,7 +117,7 @@ fn unexpected_triple_fault_is_a_crash() {
         run.stderr.contains("guest crashed on vCPU 0 at RIP 0x"),
         "{run}"
     );
-    assert!(run.stderr.contains("triple fault"), "{run}");
+    assert!(run.stderr.contains("triple fault; code at RIP: "), "{run}");
 }
 
 #[test]
@@ -137,4 +141,100 @@ fn quirks_can_be_forced_off_and_the_test_kernel_still_runs() {
     let run = boot("test=smoke", &["--cpl0-quirks", "off"]);
     assert!(!run.stderr.contains("emulates guest CPL0"), "{run}");
     assert_pass(&run, "smoke");
+}
+
+#[test]
+fn console_input_is_echoed() {
+    // The pipe is closed right after the line: what was written still arrives.
+    let run = boot_testkernel_with_input("test=echo", &[], b"hello from the host\n");
+    run.assert_line("echo: hello from the host");
+    assert_pass(&run, "echo");
+}
+
+#[test]
+fn echo_without_input_fails() {
+    // /dev/null (ibsvm cannot poll it), then a pipe closed with nothing written (EOF).
+    for run in [
+        boot("test=echo", &[]),
+        boot_testkernel_with_input("test=echo", &[], b""),
+    ] {
+        run.assert_line("FAIL: echo: no input");
+        assert!(!run.stdout.contains("PASS"), "{run}");
+        assert_eq!(run.code(), 1, "{run}");
+    }
+}
+
+/// Boots the bzImage build of the test kernel (same objects as the ELF).
+fn boot_bzimage(cmdline: &str, extra: &[&str]) -> Run {
+    boot_image("testkernel.bzImage", cmdline, extra, Input::Null)
+}
+
+/// The console shows `cmdline: {cmdline}`, possibly followed by what ibsvm appends: to
+/// ibsvm every bzImage is a Linux kernel, so on a host that emulates guest CPL0 it adds
+/// Linux parameters. That note on stderr also shows the bzImage path was taken.
+fn assert_bzimage_cmdline(run: &Run, cmdline: &str) {
+    let line = format!("cmdline: {cmdline}");
+    assert!(
+        run.stdout
+            .lines()
+            .map(str::trim_end)
+            .any(|l| l == line || l.starts_with(&format!("{line} "))),
+        "console lacks {line:?}\n{run}"
+    );
+    if run.stderr.contains("emulates guest CPL0") {
+        assert!(
+            run.stderr.contains("appended to the kernel command line"),
+            "{run}"
+        );
+    }
+}
+
+#[test]
+fn bzimage_smoke() {
+    let run = boot_bzimage("test=smoke", &[]);
+    assert_bzimage_cmdline(&run, "test=smoke");
+    run.assert_line("gp ok");
+    run.assert_line("user ok");
+    assert_pass(&run, "smoke");
+}
+
+#[test]
+fn bzimage_two_vcpus_come_online() {
+    let run = boot_bzimage("test=smp", &["--cpus", "2"]);
+    assert_bzimage_cmdline(&run, "test=smp");
+    run.assert_line("mptable: 2 cpus");
+    run.assert_line("cpu 1 online");
+    run.assert_line("smp: 2 cpus online");
+    assert_pass(&run, "smp");
+}
+
+#[test]
+fn bzimage_without_xlf_kernel_64_is_refused() {
+    let mut bz = std::fs::read(image("testkernel.bzImage")).expect("read testkernel.bzImage");
+    // Setup header (boot.rst): xloadflags at 0x236, bit 0 XLF_KERNEL_64.
+    assert_eq!(&bz[0x202..0x206], b"HdrS");
+    assert_eq!(bz[0x236] & 1, 1, "the built image advertises XLF_KERNEL_64");
+    bz[0x236] &= !1;
+    let dir = std::env::temp_dir().join(format!("ibsvm-testkernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join("no-xlf64.bzImage");
+    std::fs::write(&path, &bz).expect("write the patched copy");
+    let path_str = path.to_str().expect("UTF-8 path");
+    let run = ibsvm(
+        &["run", "--kernel", path_str, "--cmdline", "test=smoke"],
+        Duration::from_secs(60),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.code(), 1, "{run}");
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("ibsvm: error:"))
+        .unwrap_or_else(|| panic!("no error line\n{run}"));
+    assert!(line.contains(path_str), "{run}");
+    assert!(line.contains("XLF_KERNEL_64"), "{run}");
+    assert!(
+        !run.stdout.contains("ibsvm testkernel"),
+        "the guest must not run\n{run}"
+    );
 }

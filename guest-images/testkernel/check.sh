@@ -1,15 +1,19 @@
 #!/bin/sh
-# check.sh ELF - static checks of the test kernel (run by `make check`):
+# check.sh ELF [BZIMAGE] - static checks of the test kernel (run by `make check`):
 #  1. ELF layout: EXEC, x86-64, e_entry = _start = 0x100000, every PT_LOAD
-#     with physical == virtual address, the first one at 0x100000.
+#     with physical == virtual address, the first one at 0x100000;
+#     startup_64 (the bzImage's 64-bit entry) = 0x100200.
 #  2. CPL0 code (.text) holds no instruction that KVM's emulator on the dev
 #     hosts cannot run (host-kvm.md: int3/int n, ud2, xsave/xrstor,
 #     cmpxchg16b, fwait, fences, SSE/AVX, popcnt...) and nothing objdump
 #     cannot decode.  CPL3 code (.usertext) runs natively and is exempt.
 #     The 16/32-bit AP trampoline (.trampoline) is disassembled for reading
 #     only (objdump cannot switch modes inside a section).
+#  3. BZIMAGE (if given): the setup header fields a 64-bit loader reads
+#     (mkbzimage.py), and a payload identical to the ELF's flat image.
 set -eu
-elf=${1:?usage: check.sh path/to/testkernel.elf}
+elf=${1:?usage: check.sh path/to/testkernel.elf [path/to/testkernel.bzImage]}
+bz=${2:-}
 fail=0
 err() { echo "check.sh: $*" >&2; fail=1; }
 
@@ -20,6 +24,8 @@ entry=$(echo "$hdr" | sed -n 's/.*Entry point address: *//p')
 start=$(nm "$elf" | awk '$3 == "_start" { print "0x" $1 }')
 [ "$((entry))" -eq "$((start))" ] || err "e_entry $entry != _start $start"
 [ "$((entry))" -eq "$((0x100000))" ] || err "e_entry $entry != 0x100000"
+entry64=$(nm "$elf" | awk '$3 == "startup_64" { print "0x" $1 }')
+[ "$((entry64))" -eq "$((0x100200))" ] || err "startup_64 ${entry64:-missing} != 0x100200"
 
 loads=$(readelf -lW "$elf" | awk '$1 == "LOAD" { print $3, $4 }')
 [ -n "$loads" ] || err "no PT_LOAD segment"
@@ -38,5 +44,22 @@ if [ -n "$bad" ]; then
     echo "$bad" >&2
 fi
 
+if [ -n "$bz" ]; then
+    # field OFFSET SIZE: little-endian unsigned value in the bzImage file.
+    field() { od -An -tu"$2" -j "$(($1))" -N "$2" "$bz" | tr -d ' '; }
+    [ "$(dd if="$bz" bs=1 skip=$((0x202)) count=4 2>/dev/null)" = HdrS ] || err "$bz: no HdrS at 0x202"
+    [ "$(field 0x1FE 2)" -eq "$((0xAA55))" ] || err "$bz: boot_flag != 0xAA55"
+    [ "$(field 0x206 2)" -ge "$((0x020C))" ] || err "$bz: boot protocol < 2.12"
+    [ "$(($(field 0x211 1) & 1))" -eq 1 ] || err "$bz: loadflags lacks LOADED_HIGH"
+    [ "$(field 0x214 4)" -eq "$((0x100000))" ] || err "$bz: code32_start != 0x100000"
+    [ "$(($(field 0x236 2) & 1))" -eq 1 ] || err "$bz: xloadflags lacks XLF_KERNEL_64"
+    setup=$(( ($(field 0x1F1 1) + 1) * 512 ))
+    flat=$(mktemp)
+    objcopy -O binary "$elf" "$flat"
+    tail -c +$((setup + 1)) "$bz" | cmp -s - "$flat" || err "$bz: payload at $setup differs from the ELF's flat image"
+    rm -f "$flat"
+fi
+
 [ "$fail" -eq 0 ] || exit 1
 echo "check.sh: $elf OK (entry $entry, PT_LOAD phys == virt, CPL0 code clean)"
+[ -z "$bz" ] || echo "check.sh: $bz OK (setup $setup bytes, HdrS $(printf %#x "$(field 0x206 2)"), 64-bit entry at payload + 0x200)"

@@ -5,6 +5,10 @@
  *  - The image is a static ELF64 executable, physical == virtual, loaded at
  *    0x100000 (1 MiB); execution starts at e_entry (= _start below) in 64-bit
  *    long mode at CPL0 with interrupts disabled (RFLAGS = 0x2).
+ *    Or the same kernel as a bzImage (testkernel.bzImage, mkbzimage.py): its
+ *    protected-mode payload is the flat image loaded at code32_start =
+ *    0x100000, entered at payload + 0x200 (startup_64 below, the 64-bit boot
+ *    protocol of boot.rst) in the same state; it jumps to _start.
  *  - Paging is on with an identity map of the first 1 GiB in 2 MiB pages
  *    (PML4 at 0x9000).  CR0 = PE|PG|ET (+others), CR4 = PAE, EFER = LME|LMA
  *    (SCE may or may not be set).
@@ -24,7 +28,9 @@
  *    vector * 0x1000; we use vector TRAMPOLINE_ADDR >> 12 (smp.S).
  *  - x2APIC is advertised (CPUID.1:ECX[21]) and enabled by setting
  *    IA32_APIC_BASE bits 11 (EN) and 10 (EXTD): ICR = MSR 0x830, SVR = 0x80F.
- *  - COM1 8250 at 0x3F8 (poll LSR bit 5 before writing THR).
+ *  - COM1 8250 at 0x3F8 (poll LSR bit 5 before writing THR).  ibsvm's stdin
+ *    arrives in its receive FIFO (LSR bit 0, read RBR) when it is a pipe or a
+ *    terminal; with /dev/null nothing arrives.
  *  - Test-exit device at port 0xF4: `out` of byte v ends the VM with status v.
  *    HLT never exits to userspace (in-kernel irqchip): every test ends there.
  *  - i8042 at 0x60/0x64: writing 0xFE to port 0x64 resets = VM ends, status 0.
@@ -77,6 +83,32 @@ FUNC _start
     call cmdline_init               // copy the command line out of the zero page
     jmp dispatch
 ENDFUNC _start
+
+/*
+ * startup_64: the 64-bit entry of the bzImage, BZ_ENTRY64_OFFSET into the
+ * payload (boot.rst "64-bit boot protocol"; the linker script checks the
+ * address).  Same machine state as at _start.  The gap after _start is
+ * filled with hlt.
+ */
+    .org BZ_ENTRY64_OFFSET, 0xf4
+FUNC startup_64
+    jmp _start
+ENDFUNC startup_64
+
+/*
+ * kernel_info (boot protocol 2.15, boot.rst "The kernel_info"): the setup
+ * header's kernel_info_offset points here (offset from the payload start,
+ * written by mkbzimage.py).  No variable-length data.
+ */
+    .section .rodata.kernel_info, "a"
+    .balign 4
+    .globl kernel_info
+kernel_info:
+    .ascii "LToP"                   // header
+    .long kernel_info_end - kernel_info // size (fixed part)
+    .long kernel_info_end - kernel_info // size_total
+    .long 0                         // setup_type_max: we read no setup_data
+kernel_info_end:
 
 /*
  * dispatch: print the banner and the command line, run the test named by

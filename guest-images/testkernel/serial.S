@@ -6,6 +6,7 @@
  * prints wraps whole lines in console_lock / console_unlock (recursive per
  * cpu, so an exception report on the holder cannot deadlock; a holder that
  * never lets go is overridden after CONSOLE_LOCK_SPINS).
+ * getc_poll reads console input (ibsvm forwards its stdin to COM1).
  */
 #include "macros.h"
 
@@ -60,6 +61,36 @@ FUNC putc
     pop %rax
     ret
 ENDFUNC putc
+
+/*
+ * getc_poll(rdi = polls): read one byte from COM1's receive FIFO, polling
+ * LSR bit 0 (data ready) at most `polls` times.  Returns rax = the byte, or
+ * -1 if none arrived; rdx = polls left (pass it back to share one budget
+ * over several bytes).  No interrupts: IER stays 0.
+ */
+FUNC getc_poll
+    push %rcx
+    mov %rdi, %rcx
+1:  test %rcx, %rcx
+    jz 3f
+    dec %rcx
+    mov $(COM1_BASE + UART_LSR), %dx
+    in %dx, %al
+    test $UART_LSR_DR, %al
+    jnz 2f
+    pause
+    jmp 1b
+2:  mov $(COM1_BASE + UART_RBR), %dx
+    xor %eax, %eax
+    in %dx, %al
+    mov %rcx, %rdx
+    pop %rcx
+    ret
+3:  mov $-1, %rax
+    xor %edx, %edx
+    pop %rcx
+    ret
+ENDFUNC getc_poll
 
 /* puts(rdi = NUL-terminated string). */
 FUNC puts

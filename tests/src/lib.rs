@@ -1,7 +1,7 @@
 //! Fixtures for the integration tests: run the real `ibsvm` binary on a guest image with
 //! a deadline, and look at what the guest printed.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -123,16 +123,49 @@ impl std::fmt::Display for Run {
     }
 }
 
-/// Runs `ibsvm` with `args`, stdin closed, killing it after `deadline`.
+/// What `ibsvm` gets on stdin, which it forwards to the guest's COM1 receive FIFO.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// `/dev/null`: ibsvm cannot poll it, so the guest gets no console input.
+    Null,
+    /// These bytes through a pipe that is closed once they are written: ibsvm reads
+    /// them, then EOF (the bytes written before the close still reach the guest).
+    Pipe(&'a [u8]),
+}
+
+/// Runs `ibsvm` with `args`, stdin `/dev/null`, killing it after `deadline`.
 pub fn ibsvm(args: &[&str], deadline: Duration) -> Run {
+    ibsvm_with_input(args, Input::Null, deadline)
+}
+
+/// Runs `ibsvm` with `args` and `input` on stdin, killing it after `deadline`.
+pub fn ibsvm_with_input(args: &[&str], input: Input<'_>, deadline: Duration) -> Run {
     let start = Instant::now();
+    let stdin = match input {
+        Input::Null => Stdio::null(),
+        Input::Pipe(_) => Stdio::piped(),
+    };
     let mut child = Command::new(ibsvm_bin())
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ibsvm");
+    // Written from a thread: a pipe holds 64 KiB, and ibsvm reads only as fast as the
+    // guest drains its FIFO. A write error (ibsvm ended before reading it all) is not
+    // ours to report: the guest's console shows what arrived.
+    let writer = match input {
+        Input::Null => None,
+        Input::Pipe(bytes) => {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            let bytes = bytes.to_vec();
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+                // `pipe` is dropped here: ibsvm sees EOF after the bytes.
+            }))
+        }
+    };
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let reader = std::thread::spawn(move || {
@@ -145,35 +178,40 @@ pub fn ibsvm(args: &[&str], deadline: Duration) -> Run {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = loop {
+    let (status, timed_out) = loop {
         if let Some(status) = child.try_wait().expect("wait for ibsvm") {
-            break status;
+            break (status, false);
         }
         if start.elapsed() > deadline {
             let _ = child.kill();
-            let status = child.wait().expect("reap ibsvm");
-            let run = Run {
-                status,
-                stdout: reader.join().unwrap_or_default(),
-                stderr: err_reader.join().unwrap_or_default(),
-                elapsed: start.elapsed(),
-            };
-            panic!("ibsvm did not finish within {deadline:?}: {run}");
+            break (child.wait().expect("reap ibsvm"), true);
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Run {
+    if let Some(writer) = writer {
+        // ibsvm is gone, so its end of the pipe is closed and the write has finished.
+        let _ = writer.join();
+    }
+    let run = Run {
         status,
         stdout: reader.join().unwrap_or_default(),
         stderr: err_reader.join().unwrap_or_default(),
         elapsed: start.elapsed(),
+    };
+    if timed_out {
+        panic!("ibsvm did not finish within {deadline:?}: {run}");
     }
+    run
 }
 
-/// Boots the test kernel with `cmdline` and extra `ibsvm run` flags (KVM required).
-pub fn boot_testkernel(cmdline: &str, extra: &[&str]) -> Run {
+/// Deadline of one test-kernel boot.
+const TESTKERNEL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Boots the guest image `kernel` (under `guest-images/out`) with `cmdline`, extra
+/// `ibsvm run` flags and `input` on the console (KVM required).
+pub fn boot_image(kernel: &str, cmdline: &str, extra: &[&str], input: Input<'_>) -> Run {
     require_kvm();
-    let kernel = image("testkernel.elf");
+    let kernel = image(kernel);
     let mut args = vec![
         "run",
         "--kernel",
@@ -182,5 +220,15 @@ pub fn boot_testkernel(cmdline: &str, extra: &[&str]) -> Run {
         cmdline,
     ];
     args.extend_from_slice(extra);
-    ibsvm(&args, Duration::from_secs(120))
+    ibsvm_with_input(&args, input, TESTKERNEL_DEADLINE)
+}
+
+/// Boots the test kernel (ELF) with `cmdline` and extra `ibsvm run` flags (KVM required).
+pub fn boot_testkernel(cmdline: &str, extra: &[&str]) -> Run {
+    boot_image("testkernel.elf", cmdline, extra, Input::Null)
+}
+
+/// Boots the test kernel (ELF) with `input` written to its console, then EOF.
+pub fn boot_testkernel_with_input(cmdline: &str, extra: &[&str], input: &[u8]) -> Run {
+    boot_image("testkernel.elf", cmdline, extra, Input::Pipe(input))
 }

@@ -14,6 +14,7 @@
 /* ------------------------------------------------------------------ */
 #define KERNEL_LOAD_ADDR    0x100000    /* contract: loaded at 1 MiB, phys == virt */
 #define PAGE_SIZE           4096
+#define BZ_ENTRY64_OFFSET   0x200       /* boot.rst: 64-bit entry = protected-mode code + 0x200 */
 
 /* ------------------------------------------------------------------ */
 /* Linux boot protocol (Documentation/arch/x86/zero-page.rst, boot.rst) */
@@ -26,6 +27,7 @@
 /* ------------------------------------------------------------------ */
 #define COM1_BASE           0x3F8       /* PC/AT COM1 */
 #define UART_THR            0           /* 8250/16550: transmit holding (DLAB=0) */
+#define UART_RBR            0           /* receive buffer (DLAB=0, read) */
 #define UART_DLL            0           /* divisor latch low (DLAB=1) */
 #define UART_IER            1           /* interrupt enable (DLAB=0) */
 #define UART_DLM            1           /* divisor latch high (DLAB=1) */
@@ -33,6 +35,7 @@
 #define UART_LCR            3           /* line control; bit 7 = DLAB */
 #define UART_MCR            4           /* modem control */
 #define UART_LSR            5           /* line status */
+#define UART_LSR_DR         0x01        /* LSR bit 0: data ready (receive FIFO not empty) */
 #define UART_LSR_THRE       0x20        /* LSR bit 5: THR empty */
 #define UART_LCR_8N1        0x03
 #define UART_LCR_DLAB       0x80
@@ -324,6 +327,11 @@
 #define NMI_WAIT_LOOPS      100000
 #define RESET_WAIT_LOOPS    300000
 #define CONSOLE_LOCK_SPINS  500000
+/* test=echo: LSR polls waiting for console input, for the whole line.  Each
+ * poll is an IN exit (~7-15 us on the dev hosts, host-kvm.md) plus a few
+ * emulated instructions: 700k polls measured 8.2 s there (~12 us each). */
+#define ECHO_WAIT_POLLS     700000
+#define ECHO_LINE_MAX       64          /* bytes of one input line, terminator excluded */
 
 /* Default CPL3 loop length of the smoke test (native: ~2 ms). */
 #define SMOKE_USER_LOOPS    10000000

@@ -277,11 +277,14 @@ pub fn load_kernel(
                     why: "no setup header".into(),
                 })?;
             check_bzimage_header(path, &hdr)?;
-            // The 64-bit entry is 0x200 past the protected-mode code (boot.rst "64-bit boot protocol").
+            // The 64-bit entry is 0x200 past the protected-mode code (boot.rst "64-bit boot
+            // protocol"); the kernel needs init_size bytes from its load address before it
+            // reads the memory map (boot.rst, "init_size"): nothing else may go there.
+            let init_end = r.kernel_load.0 + u64::from(hdr.init_size);
             LoadedKernel {
                 format,
                 entry: r.kernel_load.0 + 0x200,
-                end: r.kernel_end,
+                end: r.kernel_end.max(init_end),
                 setup_header: Some(hdr),
                 is_linux: true,
             }
