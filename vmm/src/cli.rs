@@ -54,7 +54,9 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
                         stale Val; fail ends the VM with status 121
   --ibs-seed N          seed of the synthetic sampler (deterministic samples)
   --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
-                        (default 1.0: a period of MaxCnt*16 ops lasts that many ns)
+                        (default 1.0: a period of MaxCnt*16 ops lasts that many ns of
+                        vCPU run time; on CPL0-emulating hosts, time the vCPU spends
+                        in emulated kernel code counts 1/1000)
 
 Benchmarking:
   --null-msr INDEX      trap MSR INDEX to ibsvm and answer it with no device at all
