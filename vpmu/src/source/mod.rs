@@ -7,6 +7,8 @@
 //! thread is delivering at the very moment the guest restarts the unit, is never presented
 //! after the restart.
 
+#[cfg(all(feature = "host-perf", target_os = "linux"))]
+pub mod host_perf;
 mod inbox;
 pub mod synthetic;
 
