@@ -57,37 +57,17 @@ test_ibs_demo:
     PUTDEC ibs_op_count(%rip)
     PUTS " op samples via NMI\n"
 
-    lea ibs_op_addrs(%rip), %rdi
-    mov ibs_op_count(%rip), %rsi
-    lea hot_a(%rip), %rdx
-    lea hot_a_end(%rip), %rcx
-    call ibs_count_in
+    LOAD_STR %rdi, "hot_a      "
+    lea hot_a(%rip), %rsi
+    lea hot_a_end(%rip), %rdx
+    call demo_row
     mov %rax, %r12                  // r12 = in hot_a
-    PUTS "ibs-demo:   hot_a      "
-    lea hot_a(%rip), %rax
-    PUTHEX %rax
-    PUTS "-"
-    lea hot_a_end(%rip), %rax
-    PUTHEX %rax
-    PUTS "  "
-    PUTDEC %r12
-    PUTS " samples\n"
 
-    lea ibs_op_addrs(%rip), %rdi
-    mov ibs_op_count(%rip), %rsi
-    lea hot_b(%rip), %rdx
-    lea hot_b_end(%rip), %rcx
-    call ibs_count_in
+    LOAD_STR %rdi, "hot_b      "
+    lea hot_b(%rip), %rsi
+    lea hot_b_end(%rip), %rdx
+    call demo_row
     mov %rax, %r13                  // r13 = in hot_b
-    PUTS "ibs-demo:   hot_b      "
-    lea hot_b(%rip), %rax
-    PUTHEX %rax
-    PUTS "-"
-    lea hot_b_end(%rip), %rax
-    PUTHEX %rax
-    PUTS "  "
-    PUTDEC %r13
-    PUTS " samples\n"
 
     mov ibs_op_count(%rip), %rbx
     sub %r12, %rbx
@@ -141,6 +121,37 @@ test_ibs_demo:
     pop %r12
     pop %rbx
     xor %eax, %eax
+    ret
+
+/*
+ * demo_row(rdi = label, rsi = lo, rdx = hi): prints
+ * "ibs-demo:   <label>0x<lo>-0x<hi>  N samples" and returns rax = N, the op
+ * samples recorded in [lo, hi).
+ */
+demo_row:
+    push %rbx
+    push %r14
+    push %r15
+    mov %rsi, %r14
+    mov %rdx, %r15
+    PUTS "ibs-demo:   "
+    call puts
+    lea ibs_op_addrs(%rip), %rdi
+    mov ibs_op_count(%rip), %rsi
+    mov %r14, %rdx
+    mov %r15, %rcx
+    call ibs_count_in
+    mov %rax, %rbx
+    PUTHEX %r14
+    PUTS "-"
+    PUTHEX %r15
+    PUTS "  "
+    PUTDEC %rbx
+    PUTS " samples\n"
+    mov %rbx, %rax
+    pop %r15
+    pop %r14
+    pop %rbx
     ret
 
 /* print_elsewhere: "ibs-demo:   first elsewhere 0x..." (outside hot_a, hot_b). */
