@@ -119,8 +119,30 @@ impl std::fmt::Display for Run {
             f,
             "status {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.status, self.elapsed, self.stdout, self.stderr
-        )
+        )?;
+        // Repeated last: a failure report is often cut to its head and tail, and a long
+        // guest log would otherwise hide the lines that say what failed.
+        writeln!(f, "\n--- console lines that tell what failed ---")?;
+        for line in self.stdout.lines().filter(|l| tells_failure(l)) {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
     }
+}
+
+/// Console lines worth repeating in a failure report: results, failures, crashes.
+fn tells_failure(line: &str) -> bool {
+    const MARKS: [&str; 8] = [
+        "FAIL",
+        "ibsvm-check:",
+        "verdict",
+        "segfault",
+        "Kernel panic",
+        "BUG:",
+        "Oops",
+        "NMI received for unknown reason",
+    ];
+    MARKS.iter().any(|m| line.contains(m))
 }
 
 /// What `ibsvm` gets on stdin, which it forwards to the guest's COM1 receive FIFO.
