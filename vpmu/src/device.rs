@@ -63,6 +63,30 @@ pub enum MsrError {
     },
 }
 
+/// When the interrupt of a sample forced by [`Vpmu::force_sample`] is raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForcedIrq {
+    /// At once, as for any sample: the embedder injects it before the guest's next
+    /// instruction.
+    Now,
+    /// After the guest's next write of the unit's CTL (re-checked then, like every
+    /// interrupt): the sample landed while the guest's stop path was between reading CTL and
+    /// writing it back, and the NMI arrives after the write — the hardware timing that leaves
+    /// {Val = 1, En = 0} behind in an unpatched Linux (spec §4).
+    AfterCtlWrite,
+}
+
+/// Why [`Vpmu::force_sample`] latched nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForceError {
+    /// The unit is not counting (En = 0, or Val = 1 already).
+    #[error("the {0} unit is not counting (En=0 or Val=1)")]
+    NotCounting(UnitKind),
+    /// The sample source cannot end a period on request (e.g. host IBS).
+    #[error("the sample source cannot force a {0} sample")]
+    Unsupported(UnitKind),
+}
+
 /// Per-VM settings of the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -91,6 +115,8 @@ pub struct Vpmu<S = SyntheticSource> {
     nmi_in_service: bool,
     race: Option<RaceEvent>,
     stats: Stats,
+    /// Set only inside [`Vpmu::force_sample`]: the unit whose latch holds its interrupt.
+    hold_irq: Option<UnitKind>,
 }
 
 fn ctl_unit(index: u32) -> Option<UnitKind> {
@@ -118,6 +144,7 @@ impl<S: SampleSource> Vpmu<S> {
             nmi_in_service: false,
             race: None,
             stats: Stats::default(),
+            hold_irq: None,
         }
     }
 
@@ -262,6 +289,9 @@ impl<S: SampleSource> Vpmu<S> {
             let reason = unit.idle_reason();
             self.stop(kind, reason);
         }
+        if change.released_irq {
+            self.request_interrupt();
+        }
         Ok(())
     }
 
@@ -360,14 +390,44 @@ impl<S: SampleSource> Vpmu<S> {
 
     fn accept(&mut self, sample: Sample) {
         let kind = sample.unit();
-        match self.units[kind.index()].latch(&sample, self.config.caps) {
+        let unit = &mut self.units[kind.index()];
+        match unit.latch(&sample, self.config.caps) {
             Err(reason) => self.stats.record_drop(reason),
             Ok(()) => {
                 self.stats.samples_latched += 1;
+                let hold = self.hold_irq == Some(kind);
+                unit.irq_held = hold;
                 self.stop(kind, DropReason::ValSet);
-                self.request_interrupt();
+                if !hold {
+                    self.request_interrupt();
+                }
             }
         }
+    }
+
+    /// Test hook for reproducing the Linux IBS race on purpose (ibsvm's race test kernel
+    /// asks for it through an I/O port): the counting `unit`'s period runs out now, at `at`,
+    /// so its sample latches at once (with whatever else is due), and its interrupt is
+    /// raised as `irq` says. Hardware offers no such thing; everything after the latch —
+    /// Val, the interrupt re-check, race detection — is the device's ordinary behaviour.
+    pub fn force_sample(
+        &mut self,
+        unit: UnitKind,
+        at: SamplePoint,
+        irq: ForcedIrq,
+    ) -> Result<(), ForceError> {
+        if !self.units[unit.index()].counting() {
+            return Err(ForceError::NotCounting(unit));
+        }
+        self.source.set_guest_time(at.guest_ns);
+        if !self.source.expire(unit) {
+            return Err(ForceError::Unsupported(unit));
+        }
+        self.hold_irq = (irq == ForcedIrq::AfterCtlWrite).then_some(unit);
+        self.sample_point(at);
+        self.hold_irq = None;
+        self.stats.forced_samples += 1;
+        Ok(())
     }
 
     /// Val went 0 → 1: raise one request if the LVT lets it through (spec §5.2, §5.6).
@@ -400,7 +460,7 @@ impl<S: SampleSource> Vpmu<S> {
         let waiting = self
             .units
             .iter()
-            .filter(|u| u.latched && !u.notified)
+            .filter(|u| u.latched && !u.notified && !u.irq_held)
             .count() as u64;
         if waiting == 0 {
             self.stats.record_drop(DropReason::NothingLatched);
@@ -417,7 +477,7 @@ impl<S: SampleSource> Vpmu<S> {
                 return None;
             }
         };
-        for unit in self.units.iter_mut().filter(|u| u.latched) {
+        for unit in self.units.iter_mut().filter(|u| u.latched && !u.irq_held) {
             unit.notified = true;
         }
         self.stats.samples_delivered += waiting;
@@ -469,6 +529,7 @@ impl<S: SampleSource> Vpmu<S> {
                 data: u.data,
                 latched: u.latched,
                 notified: u.notified,
+                irq_held: u.irq_held,
             }
         };
         VpmuState {
@@ -495,6 +556,7 @@ impl<S: SampleSource> Vpmu<S> {
             unit.data = s.data;
             unit.latched = s.latched;
             unit.notified = s.notified;
+            unit.irq_held = s.irq_held;
             if unit.counting() {
                 self.start(kind);
             } else {

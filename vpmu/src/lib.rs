@@ -36,7 +36,7 @@ pub mod unit;
 pub use apic::{ApicError, Interrupt};
 pub use caps::{CapBit, Caps, CapsError};
 pub use cpuid::{hide_ibs, patch_cpuid, CpuidEntry, CpuidPatch, FamilyModel};
-pub use device::{MsrError, Vpmu, VpmuConfig};
+pub use device::{ForceError, ForcedIrq, MsrError, Vpmu, VpmuConfig};
 pub use msr::{is_ext_apic_msr, is_ibs_msr, is_vpmu_msr, EXT_APIC_MSRS, IBS_MSR_RANGE};
 pub use policy::{GuestContext, NmiEvidence, NoGuestContext, Policy, RaceCheck, RaceEvent};
 pub use source::synthetic::{SyntheticConfig, SyntheticError, SyntheticSource};

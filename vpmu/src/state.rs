@@ -22,6 +22,10 @@ pub struct UnitState {
     pub latched: bool,
     /// The interrupt for the latched sample was already taken.
     pub notified: bool,
+    /// The latched sample's interrupt is held until the next CTL write
+    /// ([`crate::device::ForcedIrq::AfterCtlWrite`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub irq_held: bool,
 }
 
 /// A vCPU's IBS state.
@@ -88,6 +92,12 @@ pub enum StateError {
     /// `notified` without `latched`.
     #[error("vpmu state: {unit} unit marked notified without a latched sample")]
     NotifiedWithoutLatch {
+        /// The unit.
+        unit: UnitKind,
+    },
+    /// `irq_held` without a latched sample whose interrupt was not yet taken.
+    #[error("vpmu state: {unit} unit holds an interrupt but no untaken latched sample")]
+    HeldIrqWithoutLatch {
         /// The unit.
         unit: UnitKind,
     },
@@ -161,6 +171,9 @@ impl VpmuState {
             }
             if s.notified && !s.latched {
                 return Err(StateError::NotifiedWithoutLatch { unit: kind });
+            }
+            if s.irq_held && (s.notified || !s.latched) {
+                return Err(StateError::HeldIrqWithoutLatch { unit: kind });
             }
             if config.policy == Policy::Protect && s.ctl & kind.val() != 0 && !s.latched {
                 return Err(StateError::StaleValUnderProtect { unit: kind });

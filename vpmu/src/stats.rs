@@ -60,6 +60,8 @@ pub struct Stats {
     pub stale_val_reads: u64,
     /// Guest IBS races detected (spec §5.9).
     pub races_detected: u64,
+    /// Samples forced by the race-reproduction hook ([`crate::Vpmu::force_sample`]).
+    pub forced_samples: u64,
 }
 
 impl Stats {
@@ -112,6 +114,7 @@ impl Stats {
             dropped_nothing_latched,
             stale_val_reads,
             races_detected,
+            forced_samples,
         } = *other;
         let pairs = [
             (&mut self.msr_reads, msr_reads),
@@ -130,6 +133,7 @@ impl Stats {
             (&mut self.dropped_nothing_latched, dropped_nothing_latched),
             (&mut self.stale_val_reads, stale_val_reads),
             (&mut self.races_detected, races_detected),
+            (&mut self.forced_samples, forced_samples),
         ];
         for (mine, theirs) in pairs {
             *mine = mine.saturating_add(theirs);

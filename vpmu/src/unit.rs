@@ -221,6 +221,8 @@ impl fmt::Display for UnitKind {
 pub(crate) struct CtlChange {
     /// The unit was counting (En = 1, Val = 0) before the write.
     pub(crate) was_counting: bool,
+    /// The write released a held interrupt (see [`Unit::irq_held`]).
+    pub(crate) released_irq: bool,
 }
 
 /// One sampling unit's registers and latch state.
@@ -233,6 +235,9 @@ pub(crate) struct Unit {
     pub(crate) latched: bool,
     /// The interrupt for the latched sample was taken by the embedder.
     pub(crate) notified: bool,
+    /// The latched sample's interrupt is held until the next CTL write (a sample forced with
+    /// [`crate::device::ForcedIrq::AfterCtlWrite`]).
+    pub(crate) irq_held: bool,
     /// The current arming of the unit; samples of any other epoch are stale.
     pub(crate) epoch: Epoch,
     /// The last CTL access was a read that presented a Val the device had not latched.
@@ -247,6 +252,7 @@ impl Unit {
             data: [0; DATA_REGS],
             latched: false,
             notified: false,
+            irq_held: false,
             epoch: Epoch::NONE,
             stale_read: None,
         }
@@ -287,10 +293,12 @@ impl Unit {
     pub(crate) fn write_ctl(&mut self, stored: u64) -> CtlChange {
         let change = CtlChange {
             was_counting: self.counting(),
+            released_irq: self.irq_held,
         };
         self.ctl = stored;
         self.latched = false;
         self.notified = false;
+        self.irq_held = false;
         self.stale_read = None;
         change
     }
@@ -327,6 +335,7 @@ impl Unit {
         }
         self.latched = true;
         self.notified = false;
+        self.irq_held = false;
         self.stale_read = None;
         Ok(())
     }

@@ -43,6 +43,13 @@
 #define UART_THRE_SPINS     10000       /* bound on LSR polls per character */
 
 #define PORT_TEST_EXIT      0xF4        /* contract: out byte v -> VM ends, ibsvm exits v */
+/* ibsvm's IBS test port (vmm/src/ibs/test_port.rs): reads IBS_TEST_PORT_ID;
+ * write 1 = a fetch sample now, NMI at once; 2 = an op sample now, its NMI
+ * after the next IBS_OP_CTL write. */
+#define PORT_IBS_TEST       0xF5
+#define IBS_TEST_PORT_ID    0x1B
+#define IBS_TEST_FETCH_NMI  1
+#define IBS_TEST_OP_LATE    2
 
 #define PORT_I8042_STATUS   0x64        /* i8042 status (read) / command (write) */
 #define I8042_STATUS_IBF    0x02        /* status bit 1: input buffer full */
@@ -59,6 +66,7 @@
 #define EXIT_FAIL           1
 #define EXIT_UNKNOWN_TEST   2
 #define EXIT_EXCEPTION      3
+#define EXIT_BROKEN         4           /* test=race: could not run as designed */
 
 /* ------------------------------------------------------------------ */
 /* Control registers (APM 3.1, SDM 2.5)                                */
@@ -357,5 +365,12 @@
 #define IBS_MASKED_SPIN_LOOPS 40000000  /* ibs-eilvt: ~10 ms at CPL3, >> one period */
 #define IBS_DEMO_B_LOOPS    1000000     /* hot_b inner loop per round (~0.2 ms) */
 #define IBS_DEMO_A_LOOPS    3000000     /* hot_a: three times hot_b */
+/* test=race: op period 0x1000 * 16 ns = 65 us of CPL3 time (ibsvm counts
+ * emulated CPL0 time at 1/1000, vmm/src/ibs/vcpu.rs, so the NMI path no longer
+ * eats the period); fetch at its longest period, so that its NMIs are the
+ * ones the test asks for through the test port. */
+#define RACE_OP_MAXCNT      0x1000
+#define RACE_FETCH_MAXCNT   0xFFFF
+#define RACE_ROUNDS         20          /* default rounds=N */
 
 #endif /* TESTKERNEL_DEFS_H */

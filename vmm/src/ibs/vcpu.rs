@@ -6,9 +6,10 @@ use vpmu::{
     SyntheticError, SyntheticSource, Vpmu, VpmuConfig,
 };
 
+use super::test_port::{self, Command};
 use super::IbsSettings;
 use crate::stats::Counters;
-use crate::vcpu::exit::MsrHandler;
+use crate::vcpu::exit::VcpuDevices;
 
 /// Per-vCPU seed spread (the 64-bit golden ratio, as in SplitMix64).
 const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -20,11 +21,29 @@ pub struct VcpuIbs {
     guest_ns: u64,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
     nmi_in_service: bool,
+    /// The device's interrupt waits for the guest to leave its NMI handler.
+    irq_deferred: bool,
+    /// Races taken with [`VcpuIbs::take_race`].
+    races_seen: u64,
     nmis_injected: u64,
     fixed_injected: u64,
     /// See [`VcpuIbs::account_run`]; 1 where KVM runs CPL0 code natively.
     cpl0_time_divisor: u64,
+    /// A test-port command written by the exit being handled, run in [`VcpuIbs::after_exit`]
+    /// (where the RIP is known).
+    test_command: Option<Command>,
+    /// Test-port commands carried out, per command, and refused.
+    test_commands: [u64; 2],
+    test_refused: u64,
 }
+
+/// Races logged per vCPU (see [`VcpuIbs::take_race`]).
+pub const RACES_LOGGED: u64 = 5;
+
+/// How soon the vCPU is stopped again to retry a deferred interrupt (see
+/// [`VcpuIbs::after_exit`]), in nanoseconds: a few emulated instructions, about the length of
+/// an NMI handler's tail on a CPL0-emulating host.
+const DEFERRED_IRQ_RETRY_NS: u64 = 20_000;
 
 /// How much slower this host's KVM runs emulated CPL0 code than native code, roughly
 /// (shared/docs/host-kvm.md: ~1.8 M emulated instructions/s against native ~0.2 ns per
@@ -52,6 +71,8 @@ impl VcpuIbs {
             dev: Vpmu::new(config, source),
             guest_ns: 0,
             nmi_in_service: false,
+            irq_deferred: false,
+            races_seen: 0,
             nmis_injected: 0,
             fixed_injected: 0,
             cpl0_time_divisor: if emulated_cpl0 {
@@ -59,14 +80,22 @@ impl VcpuIbs {
             } else {
                 1
             },
+            test_command: None,
+            test_commands: [0; 2],
+            test_refused: 0,
         })
     }
 
-    /// How long (guest ns) until the source's next deadline, if it has one.
+    /// How long (ns) until the vCPU should be stopped: the source's next deadline, or soon
+    /// if an interrupt was deferred.
     pub fn deadline_in(&self) -> Option<u64> {
+        let retry = self.irq_deferred.then_some(DEFERRED_IRQ_RETRY_NS);
         self.dev
             .next_deadline()
             .map(|d| d.saturating_sub(self.guest_ns))
+            .into_iter()
+            .chain(retry)
+            .min()
     }
 
     /// Adds one KVM_RUN of `ns` nanoseconds to the guest clock; `native` says whether the
@@ -87,10 +116,19 @@ impl VcpuIbs {
 
     /// After an exit: note an NMI return, take a sample if one is due at `rip`, and return
     /// the interrupt to inject now, if any.
-    pub fn after_exit(&mut self, rip: u64, nmi_masked: bool) -> Option<Interrupt> {
-        if self.nmi_in_service && !nmi_masked {
+    ///
+    /// `nmi_blocked`: the guest is in an NMI handler, or an NMI is already pending. No
+    /// interrupt is taken then: an NMI injected now would only be delivered after the
+    /// handler's IRET, by which time the handler may well have consumed the sample it is
+    /// for, and the guest would see an NMI that no unit claims. The request stays pending
+    /// and is re-checked at an exit after the handler (the vCPU is stopped again soon).
+    pub fn after_exit(&mut self, rip: u64, nmi_blocked: bool) -> Option<Interrupt> {
+        if self.nmi_in_service && !nmi_blocked {
             self.nmi_in_service = false;
             self.dev.nmi_returned();
+        }
+        if let Some(command) = self.test_command.take() {
+            self.run_test_command(command, rip);
         }
         if self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
             self.dev.sample_point(SamplePoint {
@@ -98,10 +136,33 @@ impl VcpuIbs {
                 guest_ns: self.guest_ns,
             });
         }
-        if self.dev.interrupt_pending() {
-            return self.dev.take_interrupt();
+        self.irq_deferred = nmi_blocked && self.dev.interrupt_pending();
+        if self.irq_deferred || !self.dev.interrupt_pending() {
+            return None;
         }
-        None
+        self.dev.take_interrupt()
+    }
+
+    /// Carries out a test-port command (see [`test_port`]).
+    fn run_test_command(&mut self, command: Command, rip: u64) {
+        let at = SamplePoint {
+            rip,
+            guest_ns: self.guest_ns,
+        };
+        match self.dev.force_sample(command.unit(), at, command.irq()) {
+            Ok(()) => self.test_commands[command as usize] += 1,
+            Err(e) => self.refuse_test_command(format_args!("{command:?}: {e}")),
+        }
+    }
+
+    fn refuse_test_command(&mut self, why: std::fmt::Arguments<'_>) {
+        if self.test_refused == 0 {
+            log::warn!(
+                "IBS test port {:#x}: ignored {why} (reported once)",
+                test_port::IBS_TEST_PORT
+            );
+        }
+        self.test_refused += 1;
     }
 
     /// The embedder injected `irq`.
@@ -116,9 +177,18 @@ impl VcpuIbs {
         }
     }
 
-    /// A race the device saw since the last call.
-    pub fn take_race(&mut self) -> Option<RaceEvent> {
-        self.dev.take_race()
+    /// A race the device saw since the last call, and whether to log it: the first
+    /// [`RACES_LOGGED`] of this vCPU are, later ones only counted (`ibs.races_detected`),
+    /// since a kernel that hits the race in a loop would flood the log.
+    pub fn take_race(&mut self) -> Option<(RaceEvent, bool)> {
+        let race = self.dev.take_race()?;
+        self.races_seen += 1;
+        Some((race, self.races_seen <= RACES_LOGGED))
+    }
+
+    /// Races taken with [`VcpuIbs::take_race`] so far.
+    pub fn races_seen(&self) -> u64 {
+        self.races_seen
     }
 
     /// Adds this vCPU's IBS counters to `counters`.
@@ -140,13 +210,22 @@ impl VcpuIbs {
             ("ibs.dropped.nothing_latched", s.dropped_nothing_latched),
             ("ibs.stale_val_reads", s.stale_val_reads),
             ("ibs.races_detected", s.races_detected),
+            (
+                Command::FetchNmi.counter(),
+                self.test_commands[Command::FetchNmi as usize],
+            ),
+            (
+                Command::OpSampleNmiLate.counter(),
+                self.test_commands[Command::OpSampleNmiLate as usize],
+            ),
+            ("ibs.test_port.refused", self.test_refused),
         ] {
             counters.add(name, value);
         }
     }
 }
 
-impl MsrHandler for VcpuIbs {
+impl VcpuDevices for VcpuIbs {
     fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>> {
         is_vpmu_msr(index).then(|| self.dev.rdmsr(index).map_err(|e| log::debug!("{e}")))
     }
@@ -163,6 +242,28 @@ impl MsrHandler for VcpuIbs {
                 .wrmsr(index, value, &NoGuestContext)
                 .map_err(|e| log::debug!("{e}")),
         )
+    }
+
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) -> bool {
+        if port != test_port::IBS_TEST_PORT {
+            return false;
+        }
+        data.fill(test_port::PORT_ID);
+        true
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> bool {
+        if port != test_port::IBS_TEST_PORT {
+            return false;
+        }
+        match data {
+            [byte] => match Command::from_byte(*byte) {
+                Some(command) => self.test_command = Some(command),
+                None => self.refuse_test_command(format_args!("unknown command byte {byte:#x}")),
+            },
+            _ => self.refuse_test_command(format_args!("a {}-byte write", data.len())),
+        }
+        true
     }
 }
 
@@ -208,6 +309,41 @@ mod tests {
     }
 
     #[test]
+    fn no_interrupt_is_taken_inside_an_nmi_handler() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        ibs.account_run(10_000_000, true);
+        // The sample latches at an exit inside some NMI handler: not injected there.
+        assert_eq!(ibs.after_exit(0x10, true), None);
+        assert_eq!(
+            ibs.deadline_in(),
+            Some(DEFERRED_IRQ_RETRY_NS),
+            "retried soon"
+        );
+        // Handler gone: the request is re-checked and taken.
+        assert_eq!(ibs.after_exit(0x20, false), Some(Interrupt::Nmi));
+        ibs.injected(Interrupt::Nmi);
+        assert_eq!(ibs.deadline_in(), None);
+        // Again, but this time the handler consumes the sample first (a re-enable):
+        // nothing is injected for it afterwards.
+        ibs.after_exit(0x20, true);
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        ibs.account_run(10_000_000, true);
+        assert_eq!(ibs.after_exit(0x30, true), None);
+        let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
+        ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
+        assert_eq!(
+            ibs.after_exit(0x40, false),
+            None,
+            "nothing latched any more"
+        );
+        let mut c = Counters::default();
+        ibs.add_counters(&mut c);
+        assert_eq!(c.get("ibs.dropped.nothing_latched"), 1);
+    }
+
+    #[test]
     fn periods_start_at_the_enabling_write() {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
@@ -238,6 +374,51 @@ mod tests {
             ibs.rdmsr(0xc001_1034),
             Some(Ok(0x40_2000)),
             "the sample is in user code"
+        );
+    }
+
+    #[test]
+    fn the_test_port_forces_samples() {
+        const FETCH_CTL: u32 = 0xc001_1030;
+        const FETCH_EN: u64 = 1 << 48;
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        let mut id = [0u8];
+        assert!(ibs.pio_read(test_port::IBS_TEST_PORT, &mut id));
+        assert_eq!(id, [test_port::PORT_ID]);
+        assert!(!ibs.pio_write(0xf4, &[1]), "not ours");
+        ibs.wrmsr(EILVT0, 0x400);
+        // Nothing counts yet: refused.
+        assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[1]));
+        assert_eq!(ibs.after_exit(0x10, false), None);
+        ibs.wrmsr(FETCH_CTL, 0x1000 | FETCH_EN);
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        // Fetch: the NMI comes at once, no guest time having passed.
+        assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[1]));
+        assert_eq!(ibs.after_exit(0x20, false), Some(Interrupt::Nmi));
+        ibs.injected(Interrupt::Nmi);
+        assert_eq!(ibs.after_exit(0x20, false), None, "NMI returned");
+        // Op, late: latched now, the NMI only after the next op CTL write (re-checked then).
+        assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[2]));
+        assert_eq!(ibs.after_exit(0x30, false), None);
+        let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
+        assert_eq!(ctl & (OP_EN | OP_VAL), OP_EN | OP_VAL);
+        assert!(
+            ibs.pio_write(test_port::IBS_TEST_PORT, &[9]),
+            "unknown byte"
+        );
+        assert!(
+            ibs.pio_write(test_port::IBS_TEST_PORT, &[1, 1]),
+            "two bytes"
+        );
+        let mut c = Counters::default();
+        ibs.add_counters(&mut c);
+        assert_eq!(
+            (
+                c.get("ibs.test_port.fetch_nmi"),
+                c.get("ibs.test_port.op_sample_nmi_late"),
+                c.get("ibs.test_port.refused")
+            ),
+            (1, 1, 3)
         );
     }
 

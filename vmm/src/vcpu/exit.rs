@@ -122,19 +122,31 @@ pub trait PortIo {
     fn pio_write(&self, port: u16, data: &[u8]) -> Option<GuestStop>;
 }
 
-/// MSRs emulated in userspace. `None` means "not mine": the guest gets #GP.
-pub trait MsrHandler {
-    /// RDMSR: `Some(Ok(value))`, `Some(Err(()))` for an architectural #GP, `None` if unowned.
+/// A vCPU's own emulated devices: MSRs emulated in userspace, and ports whose meaning
+/// depends on the vCPU that accesses them. They see an access before the VM's [`PortIo`].
+pub trait VcpuDevices {
+    /// RDMSR: `Some(Ok(value))`, `Some(Err(()))` for an architectural #GP, `None` if unowned
+    /// (the guest gets #GP).
     fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>>;
-    /// WRMSR: `Some(Ok(()))`, `Some(Err(()))` for #GP, `None` if unowned.
+    /// WRMSR: `Some(Ok(()))`, `Some(Err(()))` for #GP, `None` if unowned (#GP).
     fn wrmsr(&mut self, index: u32, value: u64) -> Option<Result<(), ()>>;
+    /// IN: fills `data` and returns true if the port is this vCPU's.
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) -> bool {
+        let _ = (port, data);
+        false
+    }
+    /// OUT: returns true if the port is this vCPU's.
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> bool {
+        let _ = (port, data);
+        false
+    }
 }
 
-/// The MSR handler of a vCPU without userspace-emulated MSRs: every MSR that reaches
-/// userspace is one KVM would have refused, so the guest gets #GP.
-pub struct NoMsrs;
+/// The devices of a vCPU without any: every MSR that reaches userspace is one KVM would
+/// have refused, so the guest gets #GP; every port goes to the VM's devices.
+pub struct NoVcpuDevices;
 
-impl MsrHandler for NoMsrs {
+impl VcpuDevices for NoVcpuDevices {
     fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
         None
     }
@@ -169,17 +181,23 @@ fn crash(kind: CrashKind) -> Outcome {
 pub fn dispatch(
     exit: Exit<'_>,
     pio: &dyn PortIo,
-    msrs: &mut dyn MsrHandler,
+    local: &mut dyn VcpuDevices,
     policy: DispatchPolicy,
 ) -> Outcome {
     match exit {
         Exit::IoIn { port, data } => {
-            pio.pio_read(port, data);
+            if !local.pio_read(port, data) {
+                pio.pio_read(port, data);
+            }
             Outcome::Resume
         }
-        Exit::IoOut { port, data } => pio
-            .pio_write(port, data)
-            .map_or(Outcome::Resume, Outcome::Stop),
+        Exit::IoOut { port, data } => {
+            if local.pio_write(port, data) {
+                return Outcome::Resume;
+            }
+            pio.pio_write(port, data)
+                .map_or(Outcome::Resume, Outcome::Stop)
+        }
         Exit::MmioRead { data, .. } => {
             // Nothing is mapped there: reads float high, as on a PC bus.
             data.fill(0xff);
@@ -192,7 +210,7 @@ pub fn dispatch(
         }
         Exit::WrMsr { index, .. } if Some(index) == policy.null_msr => Outcome::Resume,
         Exit::RdMsr { index, data, error } => {
-            match msrs.rdmsr(index) {
+            match local.rdmsr(index) {
                 Some(Ok(value)) => *data = value,
                 Some(Err(())) | None => *error = 1,
             }
@@ -212,7 +230,7 @@ pub fn dispatch(
             value,
             error,
         } => {
-            if !matches!(msrs.wrmsr(index, value), Some(Ok(()))) {
+            if !matches!(local.wrmsr(index, value), Some(Ok(()))) {
                 *error = 1;
             }
             Outcome::Resume
@@ -264,15 +282,26 @@ mod tests {
         }
     }
 
-    /// Owns MSR 0x10 (reads 42, writes of odd values fault); nothing else.
-    struct FakeMsrs;
+    /// Owns MSR 0x10 (reads 42, writes of odd values fault) and port 0xf5 (reads 0x1b,
+    /// takes writes); nothing else.
+    struct FakeVcpuDevices;
 
-    impl MsrHandler for FakeMsrs {
+    impl VcpuDevices for FakeVcpuDevices {
         fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>> {
             (index == 0x10).then_some(Ok(42))
         }
         fn wrmsr(&mut self, index: u32, value: u64) -> Option<Result<(), ()>> {
             (index == 0x10).then_some(if value % 2 == 0 { Ok(()) } else { Err(()) })
+        }
+        fn pio_read(&mut self, port: u16, data: &mut [u8]) -> bool {
+            if port != 0xf5 {
+                return false;
+            }
+            data.fill(0x1b);
+            true
+        }
+        fn pio_write(&mut self, port: u16, _: &[u8]) -> bool {
+            port == 0xf5
         }
     }
 
@@ -288,7 +317,7 @@ mod tests {
     };
 
     fn run(exit: Exit<'_>, policy: DispatchPolicy) -> Outcome {
-        dispatch(exit, &FakePio::default(), &mut FakeMsrs, policy)
+        dispatch(exit, &FakePio::default(), &mut FakeVcpuDevices, policy)
     }
 
     #[test]
@@ -302,7 +331,7 @@ mod tests {
                     data: &mut data
                 },
                 &pio,
-                &mut FakeMsrs,
+                &mut FakeVcpuDevices,
                 NORMAL
             ),
             Outcome::Resume
@@ -314,11 +343,38 @@ mod tests {
                 data: &[3],
             },
             &pio,
-            &mut FakeMsrs,
+            &mut FakeVcpuDevices,
             NORMAL,
         );
         assert_eq!(out, Outcome::Stop(GuestStop::TestExit(3)));
         assert_eq!(pio.writes.borrow().as_slice(), &[(0xf4, vec![3])]);
+    }
+
+    #[test]
+    fn the_vcpus_own_ports_come_first() {
+        let pio = FakePio::default();
+        let mut data = [0u8];
+        let exit = Exit::IoIn {
+            port: 0xf5,
+            data: &mut data,
+        };
+        assert_eq!(
+            dispatch(exit, &pio, &mut FakeVcpuDevices, NORMAL),
+            Outcome::Resume
+        );
+        assert_eq!(data, [0x1b]);
+        let exit = Exit::IoOut {
+            port: 0xf5,
+            data: &[1],
+        };
+        assert_eq!(
+            dispatch(exit, &pio, &mut FakeVcpuDevices, NORMAL),
+            Outcome::Resume
+        );
+        assert!(
+            pio.writes.borrow().is_empty(),
+            "not seen by the VM's devices"
+        );
     }
 
     #[test]

@@ -17,12 +17,12 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
-use crate::ibs::vcpu::VcpuIbs;
+use crate::ibs::vcpu::{VcpuIbs, RACES_LOGGED};
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
 use completion::Completion;
-use exit::{dispatch, DispatchPolicy, Exit, MsrHandler, NoMsrs, Outcome};
+use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
 use profile::GuestProfiler;
 use syscall_bridge::SyscallBridge;
 use timer::KickTimer;
@@ -269,8 +269,16 @@ impl Vcpu {
         let cpl = (self.fd.sync_regs().sregs.cs.selector & 3) as u8;
         ibs.account_run(self.last_run_ns, self.cpl == 3 && cpl == 3);
         self.cpl = cpl;
-        if let Some(race) = ibs.take_race() {
-            log::warn!("vCPU {}: {race}", self.id);
+        if let Some((race, log)) = ibs.take_race() {
+            if log {
+                log::warn!("vCPU {}: {race}", self.id);
+            }
+            if log && ibs.races_seen() == RACES_LOGGED {
+                log::warn!(
+                    "vCPU {}: further IBS races are only counted (ibs.races_detected in --stats)",
+                    self.id
+                );
+            }
             if race.fatal {
                 shared.stop(GuestStop::IbsRace {
                     vcpu: self.id,
@@ -279,7 +287,9 @@ impl Vcpu {
             }
         }
         let sync = self.fd.sync_regs();
-        let Some(irq) = ibs.after_exit(sync.regs.rip, sync.events.nmi.masked != 0) else {
+        let nmi = sync.events.nmi;
+        let nmi_blocked = nmi.masked != 0 || nmi.pending != 0 || nmi.injected != 0;
+        let Some(irq) = ibs.after_exit(sync.regs.rip, nmi_blocked) else {
             return Ok(());
         };
         match irq {
@@ -333,9 +343,9 @@ impl Vcpu {
         let ran = started.elapsed().as_nanos() as u64;
         self.run_ns += ran;
         self.last_run_ns = ran;
-        let msrs: &mut dyn MsrHandler = match &mut self.ibs {
+        let local: &mut dyn VcpuDevices = match &mut self.ibs {
             Some(ibs) => ibs,
-            None => &mut NoMsrs,
+            None => &mut NoVcpuDevices,
         };
         let ran = match result {
             Ok(VcpuExit::IoIn(port, data)) => Ok(("exit.io_in", Exit::IoIn { port, data })),
@@ -386,7 +396,7 @@ impl Vcpu {
             }
         };
         let (name, outcome) = match ran {
-            Ok((name, exit)) => (name, dispatch(exit, pio, msrs, policy)),
+            Ok((name, exit)) => (name, dispatch(exit, pio, local, policy)),
             Err(Deferred::Shutdown) => {
                 let idt_limit = self
                     .fd
@@ -396,7 +406,12 @@ impl Vcpu {
                     .limit;
                 (
                     "exit.shutdown",
-                    dispatch(Exit::Shutdown { idt_limit }, pio, &mut NoMsrs, policy),
+                    dispatch(
+                        Exit::Shutdown { idt_limit },
+                        pio,
+                        &mut NoVcpuDevices,
+                        policy,
+                    ),
                 )
             }
             Err(Deferred::InternalError) => {
@@ -411,7 +426,7 @@ impl Vcpu {
                     dispatch(
                         Exit::InternalError { suberror, insn },
                         pio,
-                        &mut NoMsrs,
+                        &mut NoVcpuDevices,
                         policy,
                     ),
                 )

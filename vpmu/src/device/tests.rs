@@ -413,6 +413,133 @@ fn protect_defuses_the_race() {
     }
 }
 
+/// The race test kernel's sequence through the hooks (guest-images/testkernel race test):
+/// the stop path's sample is forced with its NMI held until the write-back, and the start
+/// window's NMI is a forced fetch sample. Returns the op CTL the handler read in the window.
+fn forced_race_sequence(v: &mut Vpmu, prefix: bool) -> u64 {
+    linux_init(v);
+    let at = |guest_ns| SamplePoint { rip: 7, guest_ns };
+    v.wrmsr(IBS_FETCH_CTL, FETCH_START, NO).unwrap();
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    // Stop: the sample lands before the read; its NMI comes after the write-back.
+    v.force_sample(UnitKind::Op, at(1), ForcedIrq::AfterCtlWrite)
+        .unwrap();
+    assert!(!v.interrupt_pending(), "held until the write");
+    let ctl = v.rdmsr(IBS_OP_CTL).unwrap();
+    assert_eq!(ctl & (OP_EN | OP_VAL), OP_EN | OP_VAL);
+    v.wrmsr(IBS_OP_CTL, ctl & !OP_EN, NO).unwrap();
+    // Released, re-checked: the write consumed the sample, so nothing is injected.
+    assert_eq!(v.take_interrupt(), None);
+    assert_eq!(v.stats().dropped_nothing_latched, 1);
+    // Start.
+    if !prefix {
+        v.wrmsr(IBS_OP_CTL, 0, NO).unwrap();
+    }
+    // STARTED is set; the window's NMI: a real fetch sample.
+    v.force_sample(UnitKind::Fetch, at(2), ForcedIrq::Now)
+        .unwrap();
+    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
+    v.nmi_injected();
+    let fetch = v.rdmsr(IBS_FETCH_CTL).unwrap();
+    assert_ne!(fetch & FETCH_VAL, 0, "the NMI is the fetch unit's");
+    let op = v.rdmsr(IBS_OP_CTL).unwrap();
+    if op & OP_VAL != 0 {
+        v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap(); // the accidental enable
+    }
+    v.nmi_returned();
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    op
+}
+
+#[test]
+fn forced_samples_reproduce_the_race_only_for_prefix_faithful() {
+    for (policy, prefix, race) in [
+        (Policy::Faithful, true, true),
+        (Policy::Faithful, false, false),
+        (Policy::Protect, true, false),
+        (Policy::Protect, false, false),
+    ] {
+        let mut v = synthetic(cfg(policy, RaceCheck::Warn));
+        let op = forced_race_sequence(&mut v, prefix);
+        let s = v.stats();
+        let what = format!("{policy:?} prefix={prefix}");
+        assert_eq!(
+            op & OP_VAL != 0,
+            race,
+            "{what}: op CTL {op:#x} in the window"
+        );
+        assert_eq!(s.races_detected, u64::from(race), "{what}");
+        assert_eq!(s.stale_val_reads, u64::from(race), "{what}");
+        assert_eq!(s.forced_samples, 2, "{what}");
+    }
+}
+
+#[test]
+fn forced_samples_need_a_counting_unit_and_a_willing_source() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    let at = SamplePoint {
+        rip: 1,
+        guest_ns: 0,
+    };
+    assert_eq!(
+        v.force_sample(UnitKind::Op, at, ForcedIrq::Now),
+        Err(ForceError::NotCounting(UnitKind::Op))
+    );
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    v.force_sample(UnitKind::Op, at, ForcedIrq::Now).unwrap();
+    assert_eq!(
+        v.force_sample(UnitKind::Op, at, ForcedIrq::Now),
+        Err(ForceError::NotCounting(UnitKind::Op)),
+        "Val = 1: no second sample"
+    );
+    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
+
+    let mut v = Vpmu::new(VpmuConfig::default(), ThreadSource::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    assert_eq!(
+        v.force_sample(UnitKind::Op, at, ForcedIrq::Now),
+        Err(ForceError::Unsupported(UnitKind::Op))
+    );
+    assert_eq!(v.stats().forced_samples, 0);
+}
+
+#[test]
+fn a_held_interrupt_does_not_ride_along_with_another_units() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    v.wrmsr(IBS_FETCH_CTL, FETCH_START, NO).unwrap();
+    let at = SamplePoint {
+        rip: 1,
+        guest_ns: 0,
+    };
+    v.force_sample(UnitKind::Op, at, ForcedIrq::AfterCtlWrite)
+        .unwrap();
+    v.force_sample(UnitKind::Fetch, at, ForcedIrq::Now).unwrap();
+    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
+    assert_eq!(v.stats().samples_delivered, 1, "only the fetch sample");
+    // A snapshot keeps the held interrupt.
+    let state = v.save_state();
+    assert!(state.op.irq_held && !state.fetch.irq_held);
+    let mut w = synthetic(VpmuConfig::default());
+    w.restore_state(&state).unwrap();
+    assert_eq!(w.save_state(), state);
+    let mut bad = state;
+    bad.fetch.irq_held = true;
+    assert_eq!(
+        w.restore_state(&bad),
+        Err(StateError::HeldIrqWithoutLatch {
+            unit: UnitKind::Fetch
+        })
+    );
+    // The guest's write releases it; the re-check then finds the op sample consumed.
+    v.wrmsr(IBS_OP_CTL, 0, NO).unwrap();
+    assert!(v.interrupt_pending());
+    assert_eq!(v.take_interrupt(), None);
+}
+
 #[test]
 fn guest_context_is_queried_lazily() {
     use std::cell::Cell;

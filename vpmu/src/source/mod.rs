@@ -198,6 +198,14 @@ pub trait SampleSource {
     fn set_guest_time(&mut self, guest_ns: u64) {
         let _ = guest_ns;
     }
+    /// Test hook behind [`crate::Vpmu::force_sample`]: end the armed `unit`'s period now, so
+    /// that the next [`SampleSource::poll`] returns its sample. Returns false when the unit
+    /// is not armed or the source cannot do it (a hardware source samples when the hardware
+    /// does); that is the default.
+    fn expire(&mut self, unit: UnitKind) -> bool {
+        let _ = unit;
+        false
+    }
 }
 
 /// Lets a VMM pick the source at run time: `Vpmu<Box<dyn SampleSource + Send>>`.
@@ -216,6 +224,9 @@ impl<T: SampleSource + ?Sized> SampleSource for Box<T> {
     }
     fn set_guest_time(&mut self, guest_ns: u64) {
         (**self).set_guest_time(guest_ns);
+    }
+    fn expire(&mut self, unit: UnitKind) -> bool {
+        (**self).expire(unit)
     }
 }
 

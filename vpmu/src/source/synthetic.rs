@@ -143,6 +143,14 @@ impl SampleSource for SyntheticSource {
         self.now_ns = self.now_ns.max(guest_ns);
     }
 
+    fn expire(&mut self, unit: UnitKind) -> bool {
+        let now = self.now_ns;
+        self.armed[unit.index()]
+            .as_mut()
+            .map(|a| a.deadline_ns = a.deadline_ns.min(now))
+            .is_some()
+    }
+
     fn poll(&mut self, at: &SamplePoint) -> Option<Sample> {
         self.set_guest_time(at.guest_ns);
         let unit = UnitKind::ALL
@@ -246,6 +254,25 @@ mod tests {
         assert_eq!((op.data, op.data2, op.data3, op.dc_linaddr), (0, 0, 0, 0));
         assert_eq!(s.poll(&at), None, "one sample per arming");
         assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn expire_ends_the_period_now() {
+        let mut s = SyntheticSource::default();
+        assert!(!s.expire(UnitKind::Op), "not armed");
+        s.set_guest_time(1_000);
+        s.arm(&arm(UnitKind::Op, 1, 1_000_000, false));
+        s.set_guest_time(2_000);
+        assert!(s.expire(UnitKind::Op));
+        assert_eq!(s.next_deadline(), Some(2_000));
+        let at = SamplePoint {
+            rip: 0x42,
+            guest_ns: 2_000,
+        };
+        let sample = s.poll(&at).expect("due at once");
+        assert_eq!((sample.unit(), sample.epoch()), (UnitKind::Op, Epoch(1)));
+        assert!(!s.expire(UnitKind::Op), "one sample per arming");
+        assert!(!s.expire(UnitKind::Fetch));
     }
 
     #[test]
