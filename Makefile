@@ -15,7 +15,7 @@ CPUS          ?= 1
 # (see `ibsvm --help`, --linux-tsc-scale). 1 turns it off.
 TSC_SCALE     ?= 10
 
-.PHONY: all build images testkernel linux-image run run-linux test lint bench clean
+.PHONY: all build images testkernel linux-image run run-linux test lint bench race-matrix stress clean
 
 all: build images
 
@@ -55,6 +55,17 @@ test: build images lint
 ## (a guest's trapped IBS RDMSR against a trapped MSR with no device; target <= 1.05).
 bench: build testkernel
 	$(CARGO) bench --locked -p vpmu -p ibsvm-tests
+
+## make race-matrix: the stale-IbsOpVal race, {prefix, fixed} start path x {protect,
+## faithful} policy, on the race test kernel; prints a table, exits 0 only if every cell is
+## as expected (only prefix + faithful reproduces it). See docs/ibs-race.md.
+race-matrix: build testkernel
+	$(CARGO) run --release --locked -q -p ibsvm-tests --bin race-matrix
+
+## make stress: the same with random NMI points around start and stop, 60000 rounds per
+## cell (>= 100000 NMIs under protect with no stale Val); a few minutes.
+stress: build testkernel
+	$(CARGO) run --release --locked -q -p ibsvm-tests --bin race-matrix -- --stress
 
 clean:
 	$(CARGO) clean

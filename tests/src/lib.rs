@@ -1,6 +1,8 @@
 //! Fixtures for the integration tests: run the real `ibsvm` binary on a guest image with
 //! a deadline, and look at what the guest printed.
 
+pub mod race;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -20,18 +22,24 @@ pub fn ibsvm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("IBSVM_BIN") {
         return PathBuf::from(p);
     }
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("ibsvm");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`make test` does, or `cargo build -p ibsvm`)",
-        bin.display()
-    );
-    bin
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("ibsvm"))
+        .collect();
+    candidates
+        .iter()
+        .find(|bin| bin.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is missing: build it first (`make test` does, or `cargo build -p ibsvm`)",
+                candidates[candidates.len() - 1].display()
+            )
+        })
 }
 
 /// A guest image under `guest-images/out`; panics with how to build it if missing.
