@@ -63,7 +63,8 @@ Benchmarking:
                         (reads 0, writes ignored): the baseline of `make bench`
 
 The console is COM1 (ttyS0) on stdin/stdout. A guest ends the VM by writing a byte
-to I/O port 0xf4.
+to I/O port 0xf4. With virtual IBS, I/O port 0xf5 is ibsvm's IBS test port, which lets
+a test kernel place IBS NMIs exactly (docs/ibs-race.md).
 
 Exit status:
   the byte the guest wrote to port 0xf4; 0 after a guest reset or power-off;
