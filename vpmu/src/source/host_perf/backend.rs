@@ -1,0 +1,190 @@
+//! What a [`super::HostPerfSource`] needs from the host, as two traits, and their real
+//! implementation on Linux's IBS PMUs.
+//!
+//! - [`EventOpener`] opens one disabled event (and maps its ring) for an
+//!   [`IbsEventConfig`] on the calling thread. [`IbsOpener`] opens `ibs_fetch` / `ibs_op`
+//!   events; tests open software (cpu-clock) events with real ioctls and real rings, or
+//!   fakes with rings in plain memory.
+//! - [`PerfControl`] is what the source does to an open event afterwards: the ENABLE,
+//!   DISABLE and PERIOD ioctls, and the descriptor its reader thread polls.
+
+use std::os::fd::RawFd;
+
+use super::attr::IbsEventConfig;
+use super::detect::{pmu_name, HostIbs, HostPerfError};
+use super::event::{MmapRing, PerfEvent};
+use super::ring::RingMemory;
+use crate::unit::UnitKind;
+
+/// Data pages of each event's ring (16 KiB with 4 KiB pages): an IBS op record is about
+/// 120 bytes and the source needs one sample per arming, so this holds ~130 records of
+/// slack between reader wake-ups before the kernel counts losses.
+pub const RING_DATA_PAGES: usize = 4;
+
+/// The ioctls the source issues on an open event.
+pub trait PerfControl: Send {
+    /// `PERF_EVENT_IOC_ENABLE`.
+    fn enable(&self) -> Result<(), HostPerfError>;
+    /// `PERF_EVENT_IOC_DISABLE`. Synchronous: once it returns, the event writes no more
+    /// records (the kernel stops it on the CPU it runs on before the ioctl returns).
+    fn disable(&self) -> Result<(), HostPerfError>;
+    /// `PERF_EVENT_IOC_PERIOD`. Also restarts the period count from zero
+    /// (`kernel/events/core.c`, `__perf_event_period` clears `period_left`).
+    fn set_period(&self, period: u64) -> Result<(), HostPerfError>;
+    /// The descriptor that polls readable when the ring has new records to wake up for
+    /// (`wakeup_events`), or `None` when there is nothing to wait on (a test double).
+    fn wakeup_fd(&self) -> Option<RawFd>;
+}
+
+impl PerfControl for PerfEvent {
+    fn enable(&self) -> Result<(), HostPerfError> {
+        PerfEvent::enable(self)
+    }
+    fn disable(&self) -> Result<(), HostPerfError> {
+        PerfEvent::disable(self)
+    }
+    fn set_period(&self, period: u64) -> Result<(), HostPerfError> {
+        PerfEvent::set_period(self, period)
+    }
+    fn wakeup_fd(&self) -> Option<RawFd> {
+        Some(self.raw_fd())
+    }
+}
+
+/// Opens the events of a source, always on the vCPU thread that arms it.
+pub trait EventOpener: Send {
+    /// The event handle.
+    type Event: PerfControl + 'static;
+    /// Its ring.
+    type Ring: RingMemory + Send + 'static;
+    /// The host's IBS caps word that guest CTLs are translated against
+    /// ([`IbsEventConfig::from_guest`]).
+    fn host_caps(&self) -> u32;
+    /// Open a **disabled** event for `config` that follows the calling thread, and map its
+    /// ring.
+    fn open(&mut self, config: &IbsEventConfig)
+        -> Result<(Self::Event, Self::Ring), HostPerfError>;
+}
+
+/// Opens `ibs_fetch` / `ibs_op` events for the calling thread (`pid` 0, `cpu` -1: the
+/// event follows the thread from CPU to CPU, and counts while it is inside `KVM_RUN`).
+#[derive(Clone, Copy, Debug)]
+pub struct IbsOpener {
+    host: HostIbs,
+}
+
+impl IbsOpener {
+    /// An opener for the host's IBS PMUs.
+    pub fn new(host: HostIbs) -> IbsOpener {
+        IbsOpener { host }
+    }
+
+    /// Open and close one disabled event per unit on the calling thread, the way a vCPU
+    /// will: at start-up, this turns "not allowed" and "not supported by this kernel" into
+    /// an error before any guest runs. EACCES/EPERM → [`HostPerfError::Permission`] (names
+    /// `perf_event_paranoid` and CAP_PERFMON); EINVAL/EOPNOTSUPP →
+    /// [`HostPerfError::PerThread`] (per-thread IBS events need Linux 6.2).
+    pub fn probe(&self) -> Result<(), HostPerfError> {
+        for unit in UnitKind::ALL {
+            // The smallest CTL a guest could write; the period does not matter here.
+            let config =
+                IbsEventConfig::from_guest(unit, 0, crate::Caps::default(), self.host.caps);
+            let attr = config.attr(self.host.pmu_type(unit));
+            match PerfEvent::open(&attr, 0, -1, pmu_name(unit)) {
+                Ok(event) => drop(event),
+                Err(HostPerfError::Open { what, source })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    return Err(HostPerfError::PerThread { what, source })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EventOpener for IbsOpener {
+    type Event = PerfEvent;
+    type Ring = MmapRing;
+
+    fn host_caps(&self) -> u32 {
+        self.host.caps
+    }
+
+    fn open(&mut self, config: &IbsEventConfig) -> Result<(PerfEvent, MmapRing), HostPerfError> {
+        let event = PerfEvent::open(
+            &config.attr(self.host.pmu_type(config.unit)),
+            0,
+            -1,
+            pmu_name(config.unit),
+        )?;
+        let ring = event.map_ring(RING_DATA_PAGES)?;
+        Ok((event, ring))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::host_perf::attr::PERF_TYPE_SOFTWARE;
+    use crate::source::host_perf::detect::IbsPmus;
+
+    /// An "IBS" whose PMU types are the software PMU: its config 0 is cpu-clock, so the
+    /// real open path (attributes, ioctls, mmap) runs on this machine without IBS.
+    fn software_as_ibs() -> HostIbs {
+        HostIbs {
+            pmus: IbsPmus {
+                fetch: PERF_TYPE_SOFTWARE,
+                op: PERF_TYPE_SOFTWARE,
+            },
+            caps: 0x7,
+        }
+    }
+
+    #[test]
+    fn probe_and_open_run_the_real_path() {
+        let mut opener = IbsOpener::new(software_as_ibs());
+        opener.probe().expect("a software event opens per thread");
+        assert_eq!(opener.host_caps(), 0x7);
+        let config = IbsEventConfig::from_guest(UnitKind::Op, 0x1000, crate::Caps::default(), 0x7);
+        let (event, ring) = opener.open(&config).unwrap();
+        assert!(event.wakeup_fd().is_some());
+        assert!(ring.data_size() >= RING_DATA_PAGES * 4096);
+        PerfControl::set_period(&event, 0x20000).unwrap();
+        PerfControl::enable(&event).unwrap();
+        PerfControl::disable(&event).unwrap();
+    }
+
+    #[test]
+    fn probe_classifies_a_refused_pmu() {
+        // A PMU type no kernel has: ENOENT, which is neither permission nor per-thread.
+        let opener = IbsOpener::new(HostIbs {
+            pmus: IbsPmus {
+                fetch: 0x7FFF_FFF0,
+                op: 0x7FFF_FFF0,
+            },
+            caps: 0x7,
+        });
+        let err = opener.probe().unwrap_err();
+        assert!(matches!(err, HostPerfError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains("ibs_fetch"), "{err}");
+        // EINVAL from the kernel, for real: the breakpoint PMU (`PERF_TYPE_BREAKPOINT` = 5,
+        // include/uapi/linux/perf_event.h) refuses an attribute with no breakpoint type.
+        let opener = IbsOpener::new(HostIbs {
+            pmus: IbsPmus { fetch: 5, op: 5 },
+            caps: 0x7,
+        });
+        let err = opener.probe().unwrap_err();
+        assert!(matches!(err, HostPerfError::PerThread { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Linux 6.2") && msg.contains("--ibs synthetic"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+}
