@@ -182,7 +182,7 @@ mod tests {
         assert!(matches!(err, HostPerfError::PerThread { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(
-            msg.contains("Linux 6.2") && msg.contains("--ibs synthetic"),
+            msg.contains("Linux 6.2") && msg.contains("per-thread"),
             "{msg}"
         );
         assert!(!msg.contains('\n'));

@@ -34,7 +34,7 @@ pub enum HostPerfError {
     /// The host has no such PMU: not an AMD host with IBS, or IBS hidden from this kernel.
     #[error(
         "host IBS unavailable: no `{pmu}` PMU ({} does not exist; not an AMD host with IBS, or \
-         the kernel does not expose it); use the synthetic IBS source instead (--ibs synthetic)",
+         the kernel does not expose it)",
         path.display()
     )]
     NoPmu {
@@ -71,7 +71,7 @@ pub enum HostPerfError {
     /// could only be opened per CPU, which cannot follow a vCPU thread.
     #[error(
         "host IBS: the kernel refused a per-thread {what} event ({source}); per-thread IBS \
-         events need Linux 6.2 or later; use the synthetic IBS source instead (--ibs synthetic)"
+         events need Linux 6.2 or later"
     )]
     PerThread {
         /// The event.
@@ -274,7 +274,7 @@ mod tests {
             msg.contains("/sys/bus/event_source/devices/ibs_op"),
             "{msg}"
         );
-        assert!(msg.contains("synthetic"), "{msg}");
+        assert!(msg.contains("not an AMD host with IBS"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
         // The software PMU is there, through the same lookup.
         assert_eq!(
