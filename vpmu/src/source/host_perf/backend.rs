@@ -16,10 +16,12 @@ use super::event::{MmapRing, PerfEvent};
 use super::ring::RingMemory;
 use crate::unit::UnitKind;
 
-/// Data pages of each event's ring (16 KiB with 4 KiB pages): an IBS op record is about
-/// 120 bytes and the source needs one sample per arming, so this holds ~130 records of
-/// slack between reader wake-ups before the kernel counts losses.
-pub const RING_DATA_PAGES: usize = 4;
+/// Data pages of each event's ring (8 KiB with 4 KiB pages, 12 KiB mapped with the
+/// metadata page): an IBS op record is about 120 bytes and the source needs one sample per
+/// arming, so this holds ~65 records of slack between reader wake-ups before the kernel
+/// counts losses, while a VM's rings stay small against the per-user locked-memory limit
+/// for perf rings (`perf_event_mlock_kb`, 516 KiB by default).
+pub const RING_DATA_PAGES: usize = 2;
 
 /// The ioctls the source issues on an open event.
 pub trait PerfControl: Send {
@@ -79,19 +81,20 @@ impl IbsOpener {
         IbsOpener { host }
     }
 
-    /// Open and close one disabled event per unit on the calling thread, the way a vCPU
-    /// will: at start-up, this turns "not allowed" and "not supported by this kernel" into
-    /// an error before any guest runs. EACCES/EPERM → [`HostPerfError::Permission`] (names
-    /// `perf_event_paranoid` and CAP_PERFMON); EINVAL/EOPNOTSUPP →
-    /// [`HostPerfError::PerThread`] (per-thread IBS events need Linux 6.2).
+    /// Open, map and close one disabled event per unit on the calling thread, the way a
+    /// vCPU will: at start-up, this turns "not allowed" and "not supported by this kernel"
+    /// into an error before any guest runs. EACCES/EPERM → [`HostPerfError::Permission`]
+    /// (names `perf_event_paranoid` and CAP_PERFMON); EINVAL/EOPNOTSUPP →
+    /// [`HostPerfError::PerThread`] (per-thread IBS events need Linux 6.2); a ring that
+    /// cannot be mapped → [`HostPerfError::Mmap`].
     pub fn probe(&self) -> Result<(), HostPerfError> {
+        let mut opener = *self;
         for unit in UnitKind::ALL {
             // The smallest CTL a guest could write; the period does not matter here.
             let config =
                 IbsEventConfig::from_guest(unit, 0, crate::Caps::default(), self.host.caps);
-            let attr = config.attr(self.host.pmu_type(unit));
-            match PerfEvent::open(&attr, 0, -1, pmu_name(unit)) {
-                Ok(event) => drop(event),
+            match opener.open(&config) {
+                Ok(opened) => drop(opened),
                 Err(HostPerfError::Open { what, source })
                     if matches!(
                         source.raw_os_error(),

@@ -159,7 +159,17 @@ impl PerfEvent {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(mmap_err(io::Error::last_os_error().to_string()));
+            let err = io::Error::last_os_error();
+            // EPERM here is the locked-memory limit for perf rings (kernel/events/core.c,
+            // perf_mmap: perf_event_mlock_kb per user, beyond it RLIMIT_MEMLOCK, unless
+            // CAP_IPC_LOCK).
+            let hint = if err.raw_os_error() == Some(libc::EPERM) {
+                " (over the perf ring memory limit: raise /proc/sys/kernel/perf_event_mlock_kb \
+                 or give the VMM CAP_IPC_LOCK)"
+            } else {
+                ""
+            };
+            return Err(mmap_err(format!("{err}{hint}")));
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| mmap_err("NULL mapping".into()))?;
         let mut ring = MmapRing {
