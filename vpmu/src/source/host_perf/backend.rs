@@ -162,6 +162,61 @@ mod tests {
         PerfControl::disable(&event).unwrap();
     }
 
+    /// Set in the child process the next test starts as an unprivileged user.
+    const UNPRIVILEGED_CHILD: &str = "VPMU_TEST_UNPRIVILEGED_CHILD";
+
+    /// A real EACCES: with `perf_event_paranoid` >= 2 an unprivileged process may not open
+    /// an event that includes the kernel, which every IBS event does. Run as root (as on our
+    /// machines), the test re-runs itself as `nobody` for that.
+    #[test]
+    fn an_unprivileged_probe_gets_the_permission_message() {
+        use crate::source::host_perf::detect::{read_paranoid, PERF_EVENT_PARANOID};
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::process::CommandExt;
+        let paranoid = read_paranoid(std::path::Path::new(PERF_EVENT_PARANOID));
+        if paranoid.map_or(true, |p| p < 2) {
+            eprintln!("perf_event_paranoid {paranoid:?} lets everyone profile the kernel: skipped");
+            return;
+        }
+        let euid = std::fs::metadata("/proc/self").unwrap().uid();
+        if euid != 0 || std::env::var_os(UNPRIVILEGED_CHILD).is_some() {
+            let err = IbsOpener::new(software_as_ibs()).probe().unwrap_err();
+            assert!(
+                matches!(err, HostPerfError::Permission { paranoid: Some(p), .. } if p >= 2),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("perf_event_paranoid") && msg.contains("CAP_PERFMON"),
+                "{msg}"
+            );
+            return;
+        }
+        let name =
+            "source::host_perf::backend::tests::an_unprivileged_probe_gets_the_permission_message";
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads", "1"])
+            .env(UNPRIVILEGED_CHILD, "1")
+            .uid(65534)
+            .gid(65534)
+            .output();
+        let out = match child {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("`nobody` cannot run this test binary ({e}): skipped");
+                return;
+            }
+            Err(e) => panic!("running the test as nobody: {e}"),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "as nobody: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn probe_classifies_a_refused_pmu() {
         // A PMU type no kernel has: ENOENT, which is neither permission nor per-thread.
