@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ibsvm_tests::{ibsvm, image, require_kvm, Run};
+use ibsvm_tests::{boot_testkernel, ibsvm, image, require_kvm, Run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -193,5 +193,62 @@ fn command_line_too_long() {
         ),
         1,
         "command line is 4096 bytes",
+    );
+}
+
+/// Whether this host exposes an IBS op PMU (our development machines have no hardware PMU).
+fn host_has_ibs() -> bool {
+    std::path::Path::new("/sys/bus/event_source/devices/ibs_op").exists()
+}
+
+#[test]
+fn ibs_host_without_host_ibs_is_one_clear_error() {
+    let run = boot_testkernel("test=smoke", &["--ibs", "host"]);
+    if host_has_ibs() {
+        // An AMD host with IBS (and the permissions): the guest runs.
+        assert_eq!(run.code(), 0, "{run}");
+        return;
+    }
+    assert_error(&run, 1, "--ibs host: host IBS unavailable: no `ibs_op` PMU");
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("ibsvm: error:"))
+        .unwrap();
+    for needle in ["/sys/bus/event_source/devices/ibs_op", "--ibs synthetic"] {
+        assert!(line.contains(needle), "{line:?} lacks {needle:?}");
+    }
+    assert_eq!(
+        run.stderr.lines().filter(|l| l.contains("ibs_op")).count(),
+        1,
+        "one line names what is missing\n{run}"
+    );
+}
+
+#[test]
+fn ibs_auto_without_host_ibs_says_so_and_samples_synthetically() {
+    let run = boot_testkernel("test=ibs-sample", &["--ibs", "auto", "--stats"]);
+    let note =
+        "ibsvm: --ibs auto: guest IBS samples are synthetic (host IBS unavailable: no `ibs_op` PMU";
+    if host_has_ibs() {
+        assert!(
+            run.stderr
+                .contains("guest IBS samples come from the host's IBS"),
+            "{run}"
+        );
+        return;
+    }
+    assert_eq!(
+        run.stderr.lines().filter(|l| l.starts_with(note)).count(),
+        1,
+        "one fallback line\n{run}"
+    );
+    run.assert_line("ibs-sample: 20 samples, 20 in loop");
+    run.assert_line("PASS");
+    assert_eq!(run.code(), 0, "{run}");
+    assert_eq!(run.stat("ibs.samples_latched"), 23, "{run}");
+    assert!(
+        !run.stderr.contains("ibs.host."),
+        "no host counters with the synthetic source\n{run}"
     );
 }

@@ -39,9 +39,12 @@ Options of `run`:
 
 Virtual IBS (AMD Instruction-Based Sampling) options:
   --ibs MODE            auto|off|synthetic|host (default auto). auto: the host's IBS
-                        when it has one and this build can use it, else synthetic
-                        (one line says which). off: no IBS in CPUID, IBS MSRs #GP.
-                        synthetic: ibsvm samples the vCPU itself (any host).
+                        when ibsvm can use it, else synthetic (one line says which,
+                        and why). off: no IBS in CPUID, IBS MSRs #GP. synthetic:
+                        ibsvm samples the vCPU itself (any host). host: the host's IBS
+                        through perf (AMD with ibs_op/ibs_fetch PMUs, Linux 6.2+,
+                        perf_event_paranoid <= 1 or CAP_PERFMON; docs/host-ibs.md);
+                        without them ibsvm stops at start-up and says what is missing
   --ibs-caps CAPS       capabilities advertised in CPUID Fn8000_001B: a profile
                         (old = 0x1f, zen2/zen3 = 0x3ff, zen4 = 0xbff) or a hex word
                         (default zen3)

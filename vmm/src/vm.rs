@@ -399,10 +399,9 @@ impl Vm {
         );
         vm.enable_cap(&cap)
             .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-        let (ibs_backend, ibs_note) = ibs::select(
-            config.ibs.mode,
-            ibs::host_has_ibs(Path::new(ibs::PMU_SYSFS)),
-        )?;
+        let (ibs_backend, ibs_note) = ibs::select(config.ibs.mode, || {
+            ibs::detect_host(Path::new(ibs::EVENT_SOURCE_DEVICES))
+        })?;
         if let Some(note) = ibs_note {
             log::info!("{note}");
         }
@@ -453,7 +452,12 @@ impl Vm {
             let cpuid = CpuId::from_entries(&entries)
                 .map_err(|_| VmError::Runtime("CPUID table too large".into()))?;
             let ibs = if ibs_on {
-                Some(VcpuIbs::new(&config.ibs, id, emulated_cpl0)?)
+                Some(VcpuIbs::for_backend(
+                    &config.ibs,
+                    &ibs_backend,
+                    id,
+                    emulated_cpl0,
+                )?)
             } else {
                 None
             };

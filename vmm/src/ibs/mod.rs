@@ -1,13 +1,17 @@
 //! The virtual IBS PMU in ibsvm: choosing a sample source, and the per-vCPU glue between
 //! KVM exits and the `vpmu` device (MSRs, sample points, NMI injection, statistics).
 
+pub mod source;
 pub mod test_port;
 pub mod vcpu;
 
 use std::path::Path;
 
 use thiserror::Error;
+use vpmu::source::host_perf::{HostIbs, HostPerfError, IbsOpener};
 use vpmu::{Caps, Policy, RaceCheck};
+
+pub use vpmu::source::host_perf::EVENT_SOURCE_DEVICES;
 
 /// `--ibs`: where guest IBS samples come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,77 +64,176 @@ pub enum IbsBackend {
     Off,
     /// The synthetic source.
     Synthetic,
+    /// The host's IBS, through perf.
+    Host(HostIbs),
 }
-
-/// Where the kernel lists perf PMUs.
-pub const PMU_SYSFS: &str = "/sys/bus/event_source/devices";
 
 /// Errors choosing the IBS source.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum IbsSelectError {
-    /// `--ibs host` on a host without IBS.
-    #[error("--ibs host: this host has no IBS PMU (no {0}/ibs_op); use --ibs synthetic (or auto)")]
-    NoHostIbs(String),
-    /// `--ibs host` on a host with IBS: this build samples synthetically only.
-    #[error("--ibs host: the host has an IBS PMU, but this ibsvm build has no host-IBS sample source yet; use --ibs synthetic")]
-    HostSourceUnavailable,
+    /// `--ibs host` on a host whose IBS this process cannot use (the message says why:
+    /// no `ibs_op` PMU, permission, kernel too old for per-thread IBS events).
+    #[error("--ibs host: {0}; use --ibs synthetic (or auto) instead")]
+    Host(#[source] HostPerfError),
 }
 
-/// Whether the host exposes an IBS op PMU under `sysfs` (normally [`PMU_SYSFS`]).
-pub fn host_has_ibs(sysfs: &Path) -> bool {
-    sysfs.join("ibs_op/type").exists()
+/// The host's IBS under `sysfs` (normally [`EVENT_SOURCE_DEVICES`]), checked by opening (and
+/// closing) one disabled event per unit on this thread the way each vCPU will: permission
+/// problems and kernels without per-thread IBS events show up here, at start-up.
+pub fn detect_host(sysfs: &Path) -> Result<HostIbs, HostPerfError> {
+    let host = HostIbs::detect(sysfs)?;
+    IbsOpener::new(host).probe()?;
+    Ok(host)
 }
 
-/// Picks the backend for `mode`, given whether the host has IBS. Returns the backend and,
-/// for `auto`, the line to log.
+/// Picks the backend for `mode`; `detect` finds the host's IBS (e.g. [`detect_host`]) and is
+/// asked only for `host` and `auto`. Returns the backend and the line to log about it.
 pub fn select(
     mode: IbsMode,
-    host_ibs: bool,
-) -> Result<(IbsBackend, Option<&'static str>), IbsSelectError> {
-    match (mode, host_ibs) {
-        (IbsMode::Off, _) => Ok((IbsBackend::Off, None)),
-        (IbsMode::Synthetic, _) => Ok((IbsBackend::Synthetic, None)),
-        (IbsMode::Auto, false) => Ok((IbsBackend::Synthetic, Some("the host has no IBS PMU: guest IBS samples are synthetic"))),
-        (IbsMode::Auto, true) => Ok((
-            IbsBackend::Synthetic,
-            Some("the host has an IBS PMU, but this build has no host-IBS source: guest IBS samples are synthetic"),
-        )),
-        (IbsMode::Host, false) => Err(IbsSelectError::NoHostIbs(PMU_SYSFS.into())),
-        (IbsMode::Host, true) => Err(IbsSelectError::HostSourceUnavailable),
+    detect: impl FnOnce() -> Result<HostIbs, HostPerfError>,
+) -> Result<(IbsBackend, Option<String>), IbsSelectError> {
+    let using_host = |host: &HostIbs| {
+        format!(
+            "guest IBS samples come from the host's IBS (PMU types ibs_fetch {}, ibs_op {}, \
+             caps {:#x})",
+            host.pmus.fetch, host.pmus.op, host.caps
+        )
+    };
+    match mode {
+        IbsMode::Off => Ok((IbsBackend::Off, None)),
+        IbsMode::Synthetic => Ok((IbsBackend::Synthetic, None)),
+        IbsMode::Host => {
+            let host = detect().map_err(IbsSelectError::Host)?;
+            Ok((IbsBackend::Host(host), Some(using_host(&host))))
+        }
+        IbsMode::Auto => Ok(match detect() {
+            Ok(host) => (IbsBackend::Host(host), Some(using_host(&host))),
+            Err(e) => (
+                IbsBackend::Synthetic,
+                Some(format!("--ibs auto: guest IBS samples are synthetic ({e})")),
+            ),
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vpmu::source::host_perf::IbsPmus;
 
-    #[test]
-    fn selection() {
-        assert_eq!(select(IbsMode::Off, true).unwrap().0, IbsBackend::Off);
-        assert_eq!(
-            select(IbsMode::Synthetic, false).unwrap(),
-            (IbsBackend::Synthetic, None)
-        );
-        let (b, note) = select(IbsMode::Auto, false).unwrap();
-        assert_eq!(b, IbsBackend::Synthetic);
-        assert!(note.unwrap().contains("synthetic"));
-        assert_eq!(
-            select(IbsMode::Host, false).unwrap_err(),
-            IbsSelectError::NoHostIbs(PMU_SYSFS.into())
-        );
-        assert!(select(IbsMode::Host, false)
-            .unwrap_err()
-            .to_string()
-            .contains("ibs_op"));
+    /// A sysfs tree under the temporary directory, removed on drop.
+    struct FakeSysfs(std::path::PathBuf);
+
+    impl FakeSysfs {
+        fn new(name: &str) -> FakeSysfs {
+            let dir = std::env::temp_dir().join(format!("ibsvm-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            FakeSysfs(dir)
+        }
+        fn pmu(&self, name: &str, ty: u32) {
+            std::fs::create_dir_all(self.0.join(name)).unwrap();
+            std::fs::write(self.0.join(name).join("type"), format!("{ty}\n")).unwrap();
+        }
+    }
+
+    impl Drop for FakeSysfs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn unreachable_detect() -> Result<HostIbs, HostPerfError> {
+        panic!("off and synthetic must not look at the host")
     }
 
     #[test]
-    fn host_detection_reads_sysfs() {
-        let dir = std::env::temp_dir().join(format!("ibsvm-pmu-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("ibs_op")).unwrap();
-        assert!(!host_has_ibs(&dir));
-        std::fs::write(dir.join("ibs_op/type"), "11\n").unwrap();
-        assert!(host_has_ibs(&dir));
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn off_and_synthetic_never_probe_the_host() {
+        assert_eq!(
+            select(IbsMode::Off, unreachable_detect).unwrap().0,
+            IbsBackend::Off
+        );
+        let (b, note) = select(IbsMode::Synthetic, unreachable_detect).unwrap();
+        assert_eq!((b, note), (IbsBackend::Synthetic, None));
+    }
+
+    #[test]
+    fn without_an_ibs_pmu_host_fails_and_auto_falls_back() {
+        let sysfs = FakeSysfs::new("no-ibs");
+        sysfs.pmu("software", 1);
+        let err = select(IbsMode::Host, || detect_host(&sysfs.0)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("--ibs host: "), "{msg}");
+        assert!(
+            msg.contains("ibs_op") && msg.contains("--ibs synthetic"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        let (b, note) = select(IbsMode::Auto, || detect_host(&sysfs.0)).unwrap();
+        assert_eq!(b, IbsBackend::Synthetic);
+        let note = note.unwrap();
+        assert!(
+            note.contains("synthetic") && note.contains("ibs_op"),
+            "{note}"
+        );
+        assert!(!note.contains('\n'));
+    }
+
+    #[test]
+    fn a_usable_host_pmu_is_selected_by_host_and_auto() {
+        // The software PMU standing in for IBS: the probe really opens (cpu-clock) events.
+        let sysfs = FakeSysfs::new("soft-ibs");
+        sysfs.pmu("ibs_op", 1);
+        sysfs.pmu("ibs_fetch", 1);
+        for mode in [IbsMode::Host, IbsMode::Auto] {
+            let (b, note) = select(mode, || detect_host(&sysfs.0)).unwrap();
+            let IbsBackend::Host(host) = b else {
+                panic!("{mode:?} chose {b:?}")
+            };
+            assert_eq!(host.pmus, IbsPmus { fetch: 1, op: 1 });
+            assert!(note.unwrap().contains("host's IBS"));
+        }
+    }
+
+    #[test]
+    fn permission_and_kernel_problems_have_their_own_messages() {
+        let denied = || {
+            Err(HostPerfError::from_open_error(
+                "ibs_op",
+                std::io::Error::from_raw_os_error(libc::EACCES),
+            ))
+        };
+        let msg = select(IbsMode::Host, denied).unwrap_err().to_string();
+        assert!(
+            msg.contains("perf_event_paranoid") && msg.contains("CAP_PERFMON"),
+            "{msg}"
+        );
+        let (b, note) = select(IbsMode::Auto, denied).unwrap();
+        assert_eq!(b, IbsBackend::Synthetic);
+        assert!(note.unwrap().contains("CAP_PERFMON"));
+        // A kernel that refuses per-thread IBS events (the breakpoint PMU refuses the probe's
+        // attribute with EINVAL, as a pre-6.2 kernel refuses a per-thread IBS event).
+        let sysfs = FakeSysfs::new("einval-ibs");
+        sysfs.pmu("ibs_op", 5);
+        sysfs.pmu("ibs_fetch", 5);
+        let msg = select(IbsMode::Host, || detect_host(&sysfs.0))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("Linux 6.2"), "{msg}");
+    }
+
+    #[test]
+    fn this_host_has_no_ibs_pmu() {
+        // Our development machines have no hardware PMU; skip where IBS does exist.
+        let sysfs = Path::new(EVENT_SOURCE_DEVICES);
+        if sysfs.join("ibs_op").exists() {
+            return;
+        }
+        let msg = select(IbsMode::Host, || detect_host(sysfs))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/sys/bus/event_source/devices/ibs_op"),
+            "{msg}"
+        );
     }
 }

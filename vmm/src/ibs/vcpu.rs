@@ -1,13 +1,15 @@
-//! One vCPU's virtual IBS: the `vpmu` device and the guest run-time clock its synthetic
-//! source samples on (the vCPU loop stops the vCPU at the device's deadlines).
+//! One vCPU's virtual IBS: the `vpmu` device, its sample source, and the guest run-time
+//! clock the synthetic source samples on (the vCPU loop stops the vCPU at the device's
+//! deadlines; a host source's samples arrive through the device's inbox instead).
 
 use vpmu::{
     is_vpmu_msr, Interrupt, NoGuestContext, RaceEvent, SamplePoint, SyntheticConfig,
     SyntheticError, SyntheticSource, Vpmu, VpmuConfig,
 };
 
+use super::source::IbsSource;
 use super::test_port::{self, Command};
-use super::IbsSettings;
+use super::{IbsBackend, IbsSettings};
 use crate::stats::Counters;
 use crate::vcpu::exit::VcpuDevices;
 
@@ -16,7 +18,7 @@ const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// The IBS state of one vCPU.
 pub struct VcpuIbs {
-    dev: Vpmu<SyntheticSource>,
+    dev: Vpmu<IbsSource>,
     /// Nanoseconds this vCPU spent inside KVM_RUN: the synthetic source's clock.
     guest_ns: u64,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
@@ -51,24 +53,44 @@ const DEFERRED_IRQ_RETRY_NS: u64 = 20_000;
 pub const CPL0_EMULATION_SLOWDOWN: u64 = 1000;
 
 impl VcpuIbs {
-    /// The device for vCPU `id`; `emulated_cpl0` when the host's KVM emulates CPL0 code.
+    /// The device for vCPU `id` with the synthetic source; `emulated_cpl0` when the host's
+    /// KVM emulates CPL0 code.
     pub fn new(
         settings: &IbsSettings,
         id: u8,
         emulated_cpl0: bool,
     ) -> Result<Self, SyntheticError> {
-        let source = SyntheticSource::new(SyntheticConfig {
-            seed: settings.seed ^ SEED_STRIDE.wrapping_mul(u64::from(id) + 1),
-            ns_per_op: settings.ns_per_op,
-            ..SyntheticConfig::default()
-        })?;
+        Self::for_backend(settings, &IbsBackend::Synthetic, id, emulated_cpl0)
+    }
+
+    /// The device for vCPU `id` with the source `backend` selected (not
+    /// [`IbsBackend::Off`]: that is no device at all; it gets the synthetic source).
+    pub fn for_backend(
+        settings: &IbsSettings,
+        backend: &IbsBackend,
+        id: u8,
+        emulated_cpl0: bool,
+    ) -> Result<Self, SyntheticError> {
+        let source = match backend {
+            IbsBackend::Host(host) => IbsSource::host(*host, settings.caps),
+            IbsBackend::Synthetic | IbsBackend::Off => {
+                IbsSource::Synthetic(SyntheticSource::new(SyntheticConfig {
+                    seed: settings.seed ^ SEED_STRIDE.wrapping_mul(u64::from(id) + 1),
+                    ns_per_op: settings.ns_per_op,
+                    ..SyntheticConfig::default()
+                })?)
+            }
+        };
         let config = VpmuConfig {
             caps: settings.caps,
             policy: settings.policy,
             race_check: settings.race_check,
         };
+        let mut dev = Vpmu::new(config, source);
+        let sink = dev.sink();
+        dev.source_mut().connect(sink);
         Ok(Self {
-            dev: Vpmu::new(config, source),
+            dev,
             guest_ns: 0,
             nmi_in_service: false,
             irq_deferred: false,
@@ -135,6 +157,11 @@ impl VcpuIbs {
                 rip,
                 guest_ns: self.guest_ns,
             });
+        }
+        // Samples a host source's reader delivered (it kicked this vCPU to get here).
+        self.dev.poll_inbox();
+        if let Some(e) = self.dev.source_mut().take_error() {
+            log::warn!("{e}");
         }
         self.irq_deferred = nmi_blocked && self.dev.interrupt_pending();
         if self.irq_deferred || !self.dev.interrupt_pending() {
@@ -222,6 +249,7 @@ impl VcpuIbs {
         ] {
             counters.add(name, value);
         }
+        self.dev.source().add_counters(counters);
     }
 }
 
@@ -234,8 +262,9 @@ impl VcpuDevices for VcpuIbs {
         if !is_vpmu_msr(index) {
             return None;
         }
-        // A period this write starts runs from now.
+        // A period this write starts runs from now; a host source's kicks come here.
         self.dev.set_guest_time(self.guest_ns);
+        self.dev.source().on_vcpu_thread();
         // In-NMI evidence for race detection is the device's own NMI still in service.
         Some(
             self.dev

@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::ptr::null_mut;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::kvm_run;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -43,11 +44,69 @@ pub fn withdraw() {
     KVM_RUN.with(|c| c.set(null_mut()));
 }
 
-/// Sends a kick to the thread `thread`.
+/// Sends a kick to the thread `thread`, which must be alive: a thread of a live
+/// `JoinHandle` the caller owns, or a [`KickTarget`] used as its docs say.
 pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: pthread_kill only sends a signal; the thread id comes from a live JoinHandle
-    // owned by the caller, so it has not been recycled.
+    // SAFETY: pthread_kill only sends a signal; the caller guarantees (see above) that the
+    // thread id belongs to a live thread, so it has not been recycled.
     unsafe {
         libc::pthread_kill(thread, kick_signal());
+    }
+}
+
+/// A thread to kick that is learned on that thread, for a waker made before the thread
+/// exists (the host IBS source's, created with the vCPU on the main thread).
+///
+/// Kick it only while the bound thread is alive. The host IBS source's reader thread, its
+/// only user, is stopped and joined when the source is dropped, which happens on the vCPU
+/// thread it is bound to, before that thread ends.
+#[derive(Clone, Debug, Default)]
+pub struct KickTarget(Arc<OnceLock<libc::pthread_t>>);
+
+impl KickTarget {
+    /// Binds the target to the calling thread (the first call wins).
+    pub fn bind_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions and cannot fail.
+        self.0.get_or_init(|| unsafe { libc::pthread_self() });
+    }
+
+    /// Kicks the bound thread; nothing if none is bound yet.
+    pub fn kick(&self) {
+        if let Some(&thread) = self.0.get() {
+            kick(thread);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_kick_target_reaches_the_thread_that_bound_it() {
+        install_handler().unwrap();
+        let target = KickTarget::default();
+        target.kick(); // nobody bound yet: nothing happens
+        let bound = target.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let vcpu = std::thread::spawn(move || {
+            let mut run = kvm_run::default();
+            publish(&mut run);
+            bound.bind_current_thread();
+            ready_tx.send(()).unwrap();
+            let start = Instant::now();
+            let flag = std::ptr::addr_of!(run.immediate_exit);
+            // SAFETY: `flag` points into `run`, alive for this loop; the signal handler
+            // writes it on this very thread, hence the volatile read.
+            while unsafe { flag.read_volatile() } == 0 {
+                assert!(start.elapsed() < Duration::from_secs(10), "no kick arrived");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            withdraw();
+        });
+        ready_rx.recv().unwrap();
+        target.kick();
+        vcpu.join().unwrap();
     }
 }

@@ -8,6 +8,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::caps::Caps;
+use crate::unit::UnitKind;
+
 /// Where Linux lists its PMUs.
 pub const EVENT_SOURCE_DEVICES: &str = "/sys/bus/event_source/devices";
 /// The sysctl that gates unprivileged perf use.
@@ -17,13 +20,21 @@ pub const IBS_OP_PMU: &str = "ibs_op";
 /// The fetch-sampling PMU.
 pub const IBS_FETCH_PMU: &str = "ibs_fetch";
 
+/// `format/cnt_ctl` under `ibs_op`: shown only when the host has caps OPCNT
+/// (`arch/x86/events/amd/ibs.c`, `cnt_ctl_is_visible`).
+pub const OP_CNT_CTL_FORMAT: &str = "ibs_op/format/cnt_ctl";
+/// `caps/zen4_ibs_extensions` under `ibs_op`: shown only when the host has caps ZEN4
+/// (`ibs.c`, `zen4_ibs_extensions_is_visible`; Linux 5.19, commit 838de1d843fc). The same
+/// condition shows the `l3missonly` format bits of both PMUs.
+pub const OP_ZEN4_CAPS: &str = "ibs_op/caps/zen4_ibs_extensions";
+
 /// An error of the host-perf path.
 #[derive(Debug, thiserror::Error)]
 pub enum HostPerfError {
     /// The host has no such PMU: not an AMD host with IBS, or IBS hidden from this kernel.
     #[error(
         "host IBS unavailable: no `{pmu}` PMU ({} does not exist; not an AMD host with IBS, or \
-         the kernel does not expose it); use the synthetic IBS source instead (--ibs synthetic)",
+         the kernel does not expose it)",
         path.display()
     )]
     NoPmu {
@@ -55,6 +66,19 @@ pub enum HostPerfError {
         /// EACCES or EPERM.
         source: io::Error,
     },
+    /// The kernel refused an IBS event that follows one thread (`pid` 0, `cpu` -1): before
+    /// Linux 6.2 (commit 30093056f7b2, "perf/amd/ibs: Make IBS a core pmu") IBS events
+    /// could only be opened per CPU, which cannot follow a vCPU thread.
+    #[error(
+        "host IBS: the kernel refused a per-thread {what} event ({source}); per-thread IBS \
+         events need Linux 6.2 or later"
+    )]
+    PerThread {
+        /// The event.
+        what: String,
+        /// EINVAL or EOPNOTSUPP.
+        source: io::Error,
+    },
     /// `perf_event_open` failed otherwise.
     #[error("host IBS: perf_event_open({what}) failed: {source}")]
     Open {
@@ -70,6 +94,26 @@ pub enum HostPerfError {
         what: String,
         /// What went wrong.
         detail: String,
+    },
+    /// A perf ring of an opened event cannot be read.
+    #[error("host IBS: {what}: {source}")]
+    Ring {
+        /// The event.
+        what: String,
+        /// Why.
+        source: super::ring::RingError,
+    },
+    /// The source was armed before [`crate::source::host_perf::HostPerfSource::connect`]
+    /// handed it the device's sample sink.
+    #[error("host IBS: the source was armed before it was connected to a device's sample sink")]
+    NotConnected,
+    /// The reader thread could not be started or could not wait for samples.
+    #[error("host IBS: reader thread: {what}: {source}")]
+    Reader {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
     },
     /// A perf ioctl failed.
     #[error("host IBS: {name} on {what} failed: {source}")]
@@ -132,6 +176,50 @@ pub struct IbsPmus {
     pub op: u32,
 }
 
+/// What the host offers for host-IBS sampling: both PMU types and the part of its IBS caps
+/// word that decides which event configurations the kernel accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostIbs {
+    /// The PMU types.
+    pub pmus: IbsPmus,
+    /// A caps word (CPUID Fn8000_001B EAX layout) with AVAIL, FETCHSAM and OPSAM, plus OPCNT
+    /// and ZEN4 as sysfs shows them ([`OP_CNT_CTL_FORMAT`], [`OP_ZEN4_CAPS`]). Other bits
+    /// (OPCNTEXT among them) are not visible in sysfs and stay clear: op periods beyond
+    /// MaxCnt's 16 bits are then clamped to 0xFFFF0 even on hosts that have OPCNTEXT.
+    pub caps: u32,
+}
+
+impl HostIbs {
+    /// The host's IBS under `devices` (normally [`EVENT_SOURCE_DEVICES`]).
+    pub fn detect(devices: &Path) -> Result<HostIbs, HostPerfError> {
+        let pmus = detect(devices)?;
+        let mut caps = Caps::AVAIL | Caps::FETCHSAM | Caps::OPSAM;
+        if devices.join(OP_CNT_CTL_FORMAT).exists() {
+            caps |= Caps::OPCNT;
+        }
+        if devices.join(OP_ZEN4_CAPS).exists() {
+            caps |= Caps::ZEN4;
+        }
+        Ok(HostIbs { pmus, caps })
+    }
+
+    /// The PMU type of `unit`.
+    pub fn pmu_type(&self, unit: UnitKind) -> u32 {
+        match unit {
+            UnitKind::Fetch => self.pmus.fetch,
+            UnitKind::Op => self.pmus.op,
+        }
+    }
+}
+
+/// The sysfs name of the PMU of `unit`.
+pub fn pmu_name(unit: UnitKind) -> &'static str {
+    match unit {
+        UnitKind::Fetch => IBS_FETCH_PMU,
+        UnitKind::Op => IBS_OP_PMU,
+    }
+}
+
 /// Find both IBS PMUs under `devices` (normally [`EVENT_SOURCE_DEVICES`]); `ibs_op` is
 /// checked first, so a host without IBS is reported by that name.
 pub fn detect(devices: &Path) -> Result<IbsPmus, HostPerfError> {
@@ -186,7 +274,7 @@ mod tests {
             msg.contains("/sys/bus/event_source/devices/ibs_op"),
             "{msg}"
         );
-        assert!(msg.contains("synthetic"), "{msg}");
+        assert!(msg.contains("not an AMD host with IBS"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
         // The software PMU is there, through the same lookup.
         assert_eq!(
@@ -223,6 +311,31 @@ mod tests {
         let t2 = TempDir::new();
         t2.pmu("ibs_op", None);
         assert!(matches!(detect(&t2.0), Err(HostPerfError::PmuType { .. })));
+    }
+
+    #[test]
+    fn host_caps_follow_the_sysfs_attributes() {
+        let t = TempDir::new();
+        t.pmu("ibs_op", Some("11\n"));
+        t.pmu("ibs_fetch", Some("10\n"));
+        let base = Caps::AVAIL | Caps::FETCHSAM | Caps::OPSAM;
+        let h = HostIbs::detect(&t.0).unwrap();
+        assert_eq!(h.caps, base);
+        assert_eq!(
+            (h.pmu_type(UnitKind::Fetch), h.pmu_type(UnitKind::Op)),
+            (10, 11)
+        );
+        std::fs::create_dir_all(t.0.join("ibs_op/format")).unwrap();
+        std::fs::write(t.0.join(OP_CNT_CTL_FORMAT), "config:19\n").unwrap();
+        assert_eq!(HostIbs::detect(&t.0).unwrap().caps, base | Caps::OPCNT);
+        std::fs::create_dir_all(t.0.join("ibs_op/caps")).unwrap();
+        std::fs::write(t.0.join(OP_ZEN4_CAPS), "1\n").unwrap();
+        assert_eq!(
+            HostIbs::detect(&t.0).unwrap().caps,
+            base | Caps::OPCNT | Caps::ZEN4
+        );
+        assert_eq!(pmu_name(UnitKind::Op), "ibs_op");
+        assert_eq!(pmu_name(UnitKind::Fetch), "ibs_fetch");
     }
 
     #[test]

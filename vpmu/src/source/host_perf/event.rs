@@ -159,7 +159,17 @@ impl PerfEvent {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(mmap_err(io::Error::last_os_error().to_string()));
+            let err = io::Error::last_os_error();
+            // EPERM here is the locked-memory limit for perf rings (kernel/events/core.c,
+            // perf_mmap: perf_event_mlock_kb per user, beyond it RLIMIT_MEMLOCK, unless
+            // CAP_IPC_LOCK).
+            let hint = if err.raw_os_error() == Some(libc::EPERM) {
+                " (over the perf ring memory limit: raise /proc/sys/kernel/perf_event_mlock_kb \
+                 or give the VMM CAP_IPC_LOCK)"
+            } else {
+                ""
+            };
+            return Err(mmap_err(format!("{err}{hint}")));
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| mmap_err("NULL mapping".into()))?;
         let mut ring = MmapRing {
@@ -185,6 +195,34 @@ impl PerfEvent {
         }
         Ok(ring)
     }
+}
+
+/// Wait until at least one of `fds` is readable (or hung up, or in error), with no timeout,
+/// and return which ones are, in the order given. EINTR is returned as an error of kind
+/// `Interrupted` for the caller to retry. Used by the host-perf reader thread on perf event
+/// descriptors (readable after `wakeup_events` samples) and on its own wake-up socket.
+///
+/// A descriptor that was closed in the meantime is reported by the kernel as POLLNVAL
+/// (counted as ready), never touched otherwise.
+pub fn wait_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let count = libc::nfds_t::try_from(polled.len())
+        .map_err(|_| io::Error::other("too many descriptors to poll"))?;
+    // SAFETY: `polled` is a live, initialised array of `count` pollfd structs that the
+    // kernel may write (revents) during the call and that nothing else references; -1 means
+    // no timeout.
+    let ret = unsafe { libc::poll(polled.as_mut_ptr(), count, -1) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
 }
 
 /// The mmapped ring of a [`PerfEvent`]; unmapped on drop. Implements [`RingMemory`] for a
@@ -408,6 +446,21 @@ mod tests {
         // A zero period is refused by the kernel (EINVAL).
         let err = ev.set_period(0).unwrap_err();
         assert!(err.to_string().contains("PERF_EVENT_IOC_PERIOD"), "{err}");
+    }
+
+    #[test]
+    fn wait_readable_reports_ready_descriptors() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (_c, d) = UnixStream::pair().unwrap();
+        a.write_all(&[1]).unwrap();
+        let ready = wait_readable(&[d.as_raw_fd(), b.as_raw_fd()]).unwrap();
+        assert_eq!(ready, [false, true]);
+        // A hung-up peer counts as ready (the reader thread's shutdown signal).
+        drop(a);
+        let ready = wait_readable(&[b.as_raw_fd()]).unwrap();
+        assert_eq!(ready, [true]);
     }
 
     #[test]

@@ -10,14 +10,22 @@
 //! only). The `unsafe` code is confined to [`event`].
 //!
 //! **Pieces.**
-//! - [`mod@detect`]: the IBS PMU types from sysfs (directory as a parameter) and
-//!   [`HostPerfError`], whose messages say what is missing and what to use instead (no
-//!   `ibs_op` PMU → the synthetic source; EACCES/EPERM → `perf_event_paranoid` / CAP_PERFMON).
+//! - [`HostPerfSource`]: the [`crate::SampleSource`] (module `source`): events opened lazily
+//!   on the vCPU thread, one reader thread per source, delivery through
+//!   [`crate::SampleSink`], the embedder's [`Waker`]. Its locking, clear-before-start and
+//!   config-variant cache are described in the private module `units`.
+//! - [`backend`]: the [`EventOpener`] / [`PerfControl`] traits the source is generic over,
+//!   and [`IbsOpener`] (real `ibs_fetch` / `ibs_op` events; [`IbsOpener::probe`] checks at
+//!   start-up that the kernel lets this process open them per thread).
+//! - [`mod@detect`]: the IBS PMU types and caps from sysfs ([`HostIbs`], directory as a
+//!   parameter) and [`HostPerfError`], whose messages say what is missing and what to use
+//!   instead (no `ibs_op` PMU → the synthetic source; EACCES/EPERM → `perf_event_paranoid` /
+//!   CAP_PERFMON; EINVAL on a per-thread event → Linux 6.2).
 //! - [`attr`]: [`IbsEventConfig`] derives the host event from the guest's CTL (period
 //!   MaxCnt × 16, CntCtl / RandEn / L3MissOnly only when guest and host caps allow) and
 //!   builds the `perf_event_attr` (VER7 layout, [`PerfEventAttr`]).
-//! - [`event`]: [`PerfEvent`] (open, ENABLE / DISABLE / RESET / PERIOD, close on drop) and its
-//!   mmapped ring [`MmapRing`].
+//! - [`event`]: [`PerfEvent`] (open, ENABLE / DISABLE / RESET / PERIOD, close on drop), its
+//!   mmapped ring [`MmapRing`], and `poll(2)` for the reader.
 //! - [`ring`]: [`RingReader`] over any [`RingMemory`]: records with wrap-around,
 //!   SAMPLE / LOST / THROTTLE / UNTHROTTLE, guest- vs host-mode samples by cpumode, and
 //!   [`RingReader::discard_all`] for clear-before-start.
@@ -25,29 +33,32 @@
 //!   [`crate::OpSample`], physical addresses scrubbed.
 //! - [`IbsReader`]: ring + guest-mode filter + decoding, with [`HostPerfStats`].
 //!
-//! **Intended use** (the `SampleSource` that wires these to a vCPU thread is not here yet):
-//! open one event per unit per vCPU thread (`pid` 0, `cpu` -1) the first time the guest
-//! enables the unit; on each arming with [`IbsEventConfig::same_event`] true, DISABLE,
-//! [`IbsReader::discard_all`], PERIOD, ENABLE — never reopen on the guest's WRMSR path; a
-//! reader thread turns guest-mode samples into [`crate::Sample`]s stamped with the arming's
-//! epoch and delivers them through [`crate::SampleSink`].
-//!
 //! **Guest vs host samples.** The IBS PMU cannot exclude the host (`exclude_guest` /
 //! `exclude_host` → EINVAL), so samples taken while the vCPU thread ran host code (KVM, the
 //! VMM) arrive too. The kernel marks samples taken in guest mode with cpumode
 //! `PERF_RECORD_MISC_GUEST_KERNEL` / `GUEST_USER`; everything else is dropped and counted.
 
 pub mod attr;
+pub mod backend;
 pub mod detect;
 pub mod event;
+#[cfg(test)]
+mod fake;
 pub mod raw;
+mod reader;
 pub mod ring;
+mod source;
+mod units;
 
 pub use attr::{IbsEventConfig, PerfEventAttr};
-pub use detect::{detect, pmu_type, HostPerfError, IbsPmus, EVENT_SOURCE_DEVICES};
+pub use backend::{EventOpener, IbsOpener, PerfControl};
+pub use detect::{detect, pmu_type, HostIbs, HostPerfError, IbsPmus, EVENT_SOURCE_DEVICES};
 pub use event::{MmapRing, PerfEvent};
 pub use raw::{decode, RawError, RawIbs};
+pub use reader::Waker;
 pub use ring::{CpuMode, Record, RingError, RingMemory, RingReader, RingStats, SampleRecord};
+pub use source::{HostPerfSource, HostSourceStats};
+pub use units::SourceCounters;
 
 use std::ops::{Add, AddAssign};
 
@@ -151,6 +162,11 @@ impl<M: RingMemory> IbsReader<M> {
         self.decode_errors += errors;
         self.last_error = last.or(self.last_error);
         Ok(passed)
+    }
+
+    /// The unit whose samples the ring holds.
+    pub fn unit(&self) -> UnitKind {
+        self.unit
     }
 
     /// The most recent decoding error, for a log line.
