@@ -132,7 +132,7 @@ mod tests {
     use vpmu::source::host_perf::IbsPmus;
 
     use super::*;
-    use crate::ibs::vcpu::VcpuIbs;
+    use crate::ibs::vcpu::{ExitState, VcpuIbs};
     use crate::ibs::{IbsBackend, IbsSettings};
     use crate::vcpu::exit::VcpuDevices;
 
@@ -178,7 +178,11 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(20), "no samples");
         }
         assert_eq!(
-            ibs.after_exit(0x1000, false),
+            ibs.after_exit(ExitState {
+                rip: 0x1000,
+                nmi_blocked: false,
+                kicked: true,
+            }),
             None,
             "host-mode samples never reach the guest"
         );
@@ -198,7 +202,14 @@ mod tests {
             Some(Ok(())),
             "no #GP for the guest"
         );
-        assert_eq!(ibs.after_exit(0x1000, false), None); // logs the error
+        assert_eq!(
+            ibs.after_exit(ExitState {
+                rip: 0x1000,
+                nmi_blocked: false,
+                kicked: true,
+            }),
+            None
+        ); // logs the error
         assert_eq!(counters(&ibs).get("ibs.host.errors"), 1);
         // The failed config is not reopened on the next enable.
         assert_eq!(ibs.wrmsr(IBS_OP_CTL, 0x1000), Some(Ok(())));

@@ -16,6 +16,18 @@ use crate::vcpu::exit::VcpuDevices;
 /// Per-vCPU seed spread (the 64-bit golden ratio, as in SplitMix64).
 const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// What the vCPU loop knows about the exit just handled (see [`VcpuIbs::after_exit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitState {
+    /// Guest RIP.
+    pub rip: u64,
+    /// The guest is in an NMI handler, or an NMI is pending or being injected.
+    pub nmi_blocked: bool,
+    /// The exit was a kick (a timer or another thread stopped the vCPU), not caused by the
+    /// guest's own instruction.
+    pub kicked: bool,
+}
+
 /// The IBS state of one vCPU.
 pub struct VcpuIbs {
     dev: Vpmu<IbsSource>,
@@ -136,15 +148,27 @@ impl VcpuIbs {
         };
     }
 
-    /// After an exit: note an NMI return, take a sample if one is due at `rip`, and return
-    /// the interrupt to inject now, if any.
+    /// After an exit: note an NMI return, take a sample if one is due, and return the
+    /// interrupt to inject now, if any.
     ///
-    /// `nmi_blocked`: the guest is in an NMI handler, or an NMI is already pending. No
-    /// interrupt is taken then: an NMI injected now would only be delivered after the
-    /// handler's IRET, by which time the handler may well have consumed the sample it is
-    /// for, and the guest would see an NMI that no unit claims. The request stays pending
-    /// and is re-checked at an exit after the handler (the vCPU is stopped again soon).
-    pub fn after_exit(&mut self, rip: u64, nmi_blocked: bool) -> Option<Interrupt> {
+    /// Samples are taken only at kicks ([`ExitState::kicked`]): a kick stops the vCPU
+    /// wherever it happens to be, so sample RIPs fall where the guest spends its time, as
+    /// with hardware IBS. An exit the guest's own instruction caused (an MSR access, port
+    /// I/O, a page fault reaching ibsvm) would pin every sample due by then on that
+    /// instruction — e.g. on the allocator's first touch of a new page in a sampled
+    /// program. A due sample waits for the kick, which the timer sends at once.
+    ///
+    /// [`ExitState::nmi_blocked`]: no interrupt is taken: an NMI injected now would only be
+    /// delivered after the handler's IRET, by which time the handler may well have consumed
+    /// the sample it is for, and the guest would see an NMI that no unit claims. The
+    /// request stays pending and is re-checked at an exit after the handler (the vCPU is
+    /// stopped again soon).
+    pub fn after_exit(&mut self, exit: ExitState) -> Option<Interrupt> {
+        let ExitState {
+            rip,
+            nmi_blocked,
+            kicked,
+        } = exit;
         if self.nmi_in_service && !nmi_blocked {
             self.nmi_in_service = false;
             self.dev.nmi_returned();
@@ -152,7 +176,7 @@ impl VcpuIbs {
         if let Some(command) = self.test_command.take() {
             self.run_test_command(command, rip);
         }
-        if self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
+        if kicked && self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
             self.dev.sample_point(SamplePoint {
                 rip,
                 guest_ns: self.guest_ns,
@@ -306,6 +330,15 @@ mod tests {
     const OP_EN: u64 = 1 << 17;
     const OP_VAL: u64 = 1 << 18;
 
+    /// A kick exit at `rip`.
+    fn kick(rip: u64, nmi_blocked: bool) -> ExitState {
+        ExitState {
+            rip,
+            nmi_blocked,
+            kicked: true,
+        }
+    }
+
     #[test]
     fn a_sample_becomes_one_nmi() {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
@@ -316,11 +349,19 @@ mod tests {
             "unmasked, NMI message type"
         );
         assert_eq!(ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN), Some(Ok(())));
-        assert_eq!(ibs.after_exit(0x40_1000, false), None, "no time has passed");
+        assert_eq!(
+            ibs.after_exit(kick(0x40_1000, false)),
+            None,
+            "no time has passed"
+        );
         ibs.account_run(10_000_000, true);
-        assert_eq!(ibs.after_exit(0x40_1000, false), Some(Interrupt::Nmi));
+        assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
-        assert_eq!(ibs.after_exit(0x40_1000, true), None, "one NMI per sample");
+        assert_eq!(
+            ibs.after_exit(kick(0x40_1000, true)),
+            None,
+            "one NMI per sample"
+        );
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         assert_eq!(ctl & (OP_EN | OP_VAL), OP_EN | OP_VAL);
         assert_eq!(
@@ -344,32 +385,50 @@ mod tests {
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         ibs.account_run(10_000_000, true);
         // The sample latches at an exit inside some NMI handler: not injected there.
-        assert_eq!(ibs.after_exit(0x10, true), None);
+        assert_eq!(ibs.after_exit(kick(0x10, true)), None);
         assert_eq!(
             ibs.deadline_in(),
             Some(DEFERRED_IRQ_RETRY_NS),
             "retried soon"
         );
         // Handler gone: the request is re-checked and taken.
-        assert_eq!(ibs.after_exit(0x20, false), Some(Interrupt::Nmi));
+        assert_eq!(ibs.after_exit(kick(0x20, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
         assert_eq!(ibs.deadline_in(), None);
         // Again, but this time the handler consumes the sample first (a re-enable):
         // nothing is injected for it afterwards.
-        ibs.after_exit(0x20, true);
+        ibs.after_exit(kick(0x20, true));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         ibs.account_run(10_000_000, true);
-        assert_eq!(ibs.after_exit(0x30, true), None);
+        assert_eq!(ibs.after_exit(kick(0x30, true)), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
         assert_eq!(
-            ibs.after_exit(0x40, false),
+            ibs.after_exit(kick(0x40, false)),
             None,
             "nothing latched any more"
         );
         let mut c = Counters::default();
         ibs.add_counters(&mut c);
         assert_eq!(c.get("ibs.dropped.nothing_latched"), 1);
+    }
+
+    #[test]
+    fn samples_wait_for_a_kick() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        ibs.account_run(10_000_000, true);
+        // Due, but this exit is the guest's own (say a page fault at 0x50): no sample there.
+        let own = ExitState {
+            rip: 0x50,
+            nmi_blocked: false,
+            kicked: false,
+        };
+        assert_eq!(ibs.after_exit(own), None);
+        assert_eq!(ibs.deadline_in(), Some(0), "kick at once");
+        assert_eq!(ibs.after_exit(kick(0x60, false)), Some(Interrupt::Nmi));
+        assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x60)));
     }
 
     #[test]
@@ -380,12 +439,12 @@ mod tests {
         ibs.account_run(50_000_000, true);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
-            ibs.after_exit(0x1234, false),
+            ibs.after_exit(kick(0x1234, false)),
             None,
             "no sample at the enabling write"
         );
         ibs.account_run(65_536, true);
-        assert_eq!(ibs.after_exit(0x40_2000, false), Some(Interrupt::Nmi));
+        assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
     }
 
@@ -396,9 +455,9 @@ mod tests {
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
         ibs.account_run(3_000_000, false);
-        assert_eq!(ibs.after_exit(0xffff_ffff_8100_0000, false), None);
+        assert_eq!(ibs.after_exit(kick(0xffff_ffff_8100_0000, false)), None);
         ibs.account_run(65_536, true);
-        assert_eq!(ibs.after_exit(0x40_2000, false), Some(Interrupt::Nmi));
+        assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(
             ibs.rdmsr(0xc001_1034),
             Some(Ok(0x40_2000)),
@@ -418,17 +477,17 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         // Nothing counts yet: refused.
         assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[1]));
-        assert_eq!(ibs.after_exit(0x10, false), None);
+        assert_eq!(ibs.after_exit(kick(0x10, false)), None);
         ibs.wrmsr(FETCH_CTL, 0x1000 | FETCH_EN);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // Fetch: the NMI comes at once, no guest time having passed.
         assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[1]));
-        assert_eq!(ibs.after_exit(0x20, false), Some(Interrupt::Nmi));
+        assert_eq!(ibs.after_exit(kick(0x20, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
-        assert_eq!(ibs.after_exit(0x20, false), None, "NMI returned");
+        assert_eq!(ibs.after_exit(kick(0x20, false)), None, "NMI returned");
         // Op, late: latched now, the NMI only after the next op CTL write (re-checked then).
         assert!(ibs.pio_write(test_port::IBS_TEST_PORT, &[2]));
-        assert_eq!(ibs.after_exit(0x30, false), None);
+        assert_eq!(ibs.after_exit(kick(0x30, false)), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         assert_eq!(ctl & (OP_EN | OP_VAL), OP_EN | OP_VAL);
         assert!(

@@ -17,7 +17,7 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
-use crate::ibs::vcpu::{VcpuIbs, RACES_LOGGED};
+use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
@@ -80,6 +80,8 @@ pub struct Vcpu {
     last_run_ns: u64,
     /// The guest's CPL at the last exit (so at the next entry).
     cpl: u8,
+    /// The last exit was a kick (see [`VcpuIbs::after_exit`]).
+    kicked: bool,
     /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
     timer: Option<KickTimer>,
 }
@@ -115,6 +117,7 @@ impl Vcpu {
             run_ns: 0,
             last_run_ns: 0,
             cpl: 0,
+            kicked: false,
             timer: None,
         }
     }
@@ -289,7 +292,12 @@ impl Vcpu {
         let sync = self.fd.sync_regs();
         let nmi = sync.events.nmi;
         let nmi_blocked = nmi.masked != 0 || nmi.pending != 0 || nmi.injected != 0;
-        let Some(irq) = ibs.after_exit(sync.regs.rip, nmi_blocked) else {
+        let exit = ExitState {
+            rip: sync.regs.rip,
+            nmi_blocked,
+            kicked: self.kicked,
+        };
+        let Some(irq) = ibs.after_exit(exit) else {
             return Ok(());
         };
         match irq {
@@ -340,6 +348,7 @@ impl Vcpu {
         let policy = self.policy;
         let started = Instant::now();
         let result = self.fd.run();
+        self.kicked = false;
         let ran = started.elapsed().as_nanos() as u64;
         self.run_ns += ran;
         self.last_run_ns = ran;
@@ -432,6 +441,7 @@ impl Vcpu {
                 )
             }
         };
+        self.kicked = name == "exit.kick" || name == "exit.intr";
         if name == "exit.kick" {
             self.fd.set_kvm_immediate_exit(0);
         }
