@@ -262,7 +262,7 @@ impl Vcpu {
     /// Work between exits: the profiler's sample; for virtual IBS, report races, take due
     /// samples, inject the NMI.
     fn after_exit(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
-        if let Some(profiler) = &mut self.profiler {
+        if let Some(profiler) = self.profiler.as_mut().filter(|_| self.kicked) {
             profiler.after_exit(self.run_ns, self.fd.sync_regs().regs.rip);
         }
         let Some(ibs) = &mut self.ibs else {

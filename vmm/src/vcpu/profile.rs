@@ -26,7 +26,8 @@ impl GuestProfiler {
         self.next_ns.saturating_sub(run_ns)
     }
 
-    /// After an exit at `rip`: records a sample if one is due.
+    /// After a kick at `rip`: records a sample if one is due. Call it at kicks only: an exit
+    /// the guest's own instruction caused would pin the sample on that instruction.
     pub fn after_exit(&mut self, run_ns: u64, rip: u64) {
         if run_ns >= self.next_ns {
             self.samples.push(rip);
