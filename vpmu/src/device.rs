@@ -79,8 +79,8 @@ pub enum ForcedIrq {
 /// Why [`Vpmu::force_sample`] latched nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ForceError {
-    /// The unit is not counting (En = 0, or Val = 1 already).
-    #[error("the {0} unit is not counting (En=0 or Val=1)")]
+    /// The unit is not counting: En = 0, or Val = 1 with its interrupt already taken.
+    #[error("the {0} unit is not counting (En=0, or Val=1 already signalled)")]
     NotCounting(UnitKind),
     /// The sample source cannot end a period on request (e.g. host IBS).
     #[error("the sample source cannot force a {0} sample")]
@@ -410,13 +410,24 @@ impl<S: SampleSource> Vpmu<S> {
     /// so its sample latches at once (with whatever else is due), and its interrupt is
     /// raised as `irq` says. Hardware offers no such thing; everything after the latch —
     /// Val, the interrupt re-check, race detection — is the device's ordinary behaviour.
+    ///
+    /// If the unit already holds a latched sample whose interrupt was not taken yet (its
+    /// period ran out on its own just before), that sample serves: with
+    /// [`ForcedIrq::AfterCtlWrite`] its interrupt is held instead, so the guest's next CTL
+    /// read still finds it whatever the timing.
     pub fn force_sample(
         &mut self,
         unit: UnitKind,
         at: SamplePoint,
         irq: ForcedIrq,
     ) -> Result<(), ForceError> {
-        if !self.units[unit.index()].counting() {
+        let u = &mut self.units[unit.index()];
+        if u.latched && !u.notified {
+            u.irq_held |= irq == ForcedIrq::AfterCtlWrite;
+            self.stats.forced_samples += 1;
+            return Ok(());
+        }
+        if !u.counting() {
             return Err(ForceError::NotCounting(unit));
         }
         self.source.set_guest_time(at.guest_ns);

@@ -352,7 +352,8 @@
  * exits, iretq) takes ~200 us of it, ~60 us of that after the re-arm.  A
  * period of 0x1000 * 16 ns = 65 us would expire inside the NMI hook, so
  * the sampled CPL3 loop would never be hit; 0x8000 (524288 ops, ~524 us)
- * leaves a wide margin (host preemption counts as guest run time too). */
+ * leaves a wide margin.  (Run time is the vCPU thread's CPU time, so host
+ * preemption does not count.) */
 #define IBS_OP_MAXCNT_TEST  0x8000
 #define IBS_FETCH_MAXCNT_TEST 0x8000
 #define IBS_MAX_SAMPLES     256         /* sample slots recorded by the NMI hook */

@@ -88,10 +88,10 @@ test_ibs_demo:
     PUTHEX ibs_op_last_bad_ctl(%rip)
     PUTS "\n"
     FAIL "ibs-demo: a sample's IBS_OP_CTL lacks En=1, Val=1 or MaxCnt"
-4:  // Informational only: the synthetic sampler's clock is wall time inside
-    // KVM_RUN, so a host that preempts the vCPU thread for a whole period
-    // right after a re-arm makes the next sample latch at once (test=ibs-sample
-    // fails on that; the demo just reports it).
+4:  // Informational only: a period that runs out during the NMI hook's own
+    // exits (the synthetic sampler's clock is the vCPU thread's CPU time in
+    // KVM_RUN, exits included) makes the next sample latch at once
+    // (test=ibs-sample fails on that; the demo just reports it).
     cmpq $0, ibs_op_bad_rearm(%rip)
     je 5f
     PUTS "ibs-demo: "

@@ -41,14 +41,18 @@
  *
  * Serial:
  *   race: order prefix, rounds N, stress 0, seed S
- *   race: rounds N, window nmis W, stop read Val V, op samples O,
- *         fetch samples F, nmis T, unknown nmis U     (one line)
- *   race: accidental enables A
+ *   race: rounds N, window nmis W, stop read Val V (interfered I), op samples
+ *         O, fetch samples F, nmis T, unknown nmis U     (one line)
+ *   race: stale stops S, accidental enables A
  *   then PASS, or FAIL: ... with
+ * (V: stops that read Val = 1; I: stops where the unit's own sample beat the
+ * test port's and its NMI handler took it first, so stop read Val = 0; S:
+ * stops that wrote Val = 1 back and were followed by a start - under
+ * prefix + faithful each of those starts is caught, so A = S.)
  * Exit status: 0 no accidental enable; 1 accidental enables (or unknown
  * NMIs); 4 (EXIT_BROKEN) the test could not run as designed: no IBS, no
- * test port, bad options, or (stress=0) a round whose window NMI or stop
- * sample did not arrive.
+ * test port, bad options, or (stress=0) a round whose window NMI did not
+ * arrive or whose stop found no sample at all.
  */
 #include "macros.h"
 
@@ -146,8 +150,12 @@ test_race:
     test %rax, %rax
     jz 6f
     BROKEN "race: no op sample arrived at CPL3"
-6:  call race_op_stop
-    inc %rbx
+6:  call race_op_stop               // rax = 1 if it left a stale Val
+    lea 1(%rbx), %rcx
+    cmp race_rounds(%rip), %rcx
+    jae 7f                          // the last stop is followed by no start
+    add %rax, race_stale_stops(%rip)
+7:  inc %rbx
     jmp .Lround
 
 .Lrounds_done:
@@ -166,6 +174,9 @@ test_race:
     PUTDEC race_window_rounds(%rip)
     PUTS ", stop read Val "
     PUTDEC race_stop_val(%rip)
+    PUTS " (interfered "
+    PUTDEC race_interfered(%rip)
+    PUTS ")"
     PUTS ", op samples "
     PUTDEC race_op+U_SAMPLES(%rip)
     PUTS ", fetch samples "
@@ -175,7 +186,9 @@ test_race:
     PUTS ", unknown nmis "
     PUTDEC race_unknown_nmis(%rip)
     PUTS "\n"
-    PUTS "race: accidental enables "
+    PUTS "race: stale stops "
+    PUTDEC race_stale_stops(%rip)
+    PUTS ", accidental enables "
     PUTDEC race_accidental(%rip)
     PUTS "\n"
 
@@ -185,7 +198,9 @@ test_race:
     cmp %rax, race_window_rounds(%rip)
     je 8f
     BROKEN "race: a round's window NMI did not arrive (test port)"
-8:  cmp %rax, race_stop_val(%rip)
+8:  mov race_stop_val(%rip), %rcx
+    add race_interfered(%rip), %rcx
+    cmp %rax, %rcx
     je 7f
     BROKEN "race: a round's stop did not read Val=1 (test port)"
 7:  cmpq $0, race_accidental(%rip)
@@ -352,16 +367,26 @@ FUNC race_op_start
     ret
 ENDFUNC race_op_start
 
-/* race_op_stop: perf_ibs_stop for the op unit. */
+/*
+ * race_op_stop: perf_ibs_stop for the op unit.  rax = 1 if it wrote a Val = 1
+ * back (the stale state).  A read of Val = 0 right after the test port's
+ * late sample means an op sample of the unit's own period latched first and
+ * its NMI handler took it (and re-enabled the unit) in between: counted in
+ * race_interfered.
+ */
 FUNC race_op_stop
     push %rbx
     push %r12
+    push %r13
+    xor %r13d, %r13d                // r13 = wrote a stale Val back
     RACE_POINT 4
     btsq $ST_STOPPING, race_op+U_STATE(%rip)
     jc .Lstop_done
     xor %r12d, %r12d
     btq $ST_STARTED, race_op+U_STATE(%rip)
     setc %r12b                      // r12 = stopping
+    mov race_op+U_SAMPLES(%rip), %rsi
+    push %rsi                       // op samples before the late sample
     cmpb $0, race_late(%rip)
     je 1f
     mov $IBS_TEST_OP_LATE, %al      // a sample lands now; its NMI after our write
@@ -371,9 +396,16 @@ FUNC race_op_stop
     shl $32, %rdx
     or %rdx, %rax
     mov %rax, %rbx                  // rbx = config as read
+    pop %rsi
     test $IBS_OP_VAL, %eax
-    jz 2f
+    jz 3f
     incq race_stop_val(%rip)
+    jmp 2f
+3:  cmpb $0, race_late(%rip)
+    je 2f
+    cmp race_op+U_SAMPLES(%rip), %rsi
+    je 2f
+    incq race_interfered(%rip)
 2:  RACE_POINT 5
     test %r12d, %r12d
     jz .Lstop_done
@@ -383,11 +415,15 @@ FUNC race_op_stop
     and $~(IBS_OP_MAX_CNT | IBS_OP_EN), %rax
     mov $MSR_IBS_OP_CTL, %ecx
     RACE_WRMSR
+    test $IBS_OP_VAL, %ebx
+    setnz %r13b
     // (no RACE_POINT 6: see the file comment)
     btrq $ST_STARTED, race_op+U_STATE(%rip)
     movq $0, race_op+U_ENABLED(%rip)
 .Lstop_done:
     RACE_POINT 7
+    mov %r13, %rax
+    pop %r13
     pop %r12
     pop %rbx
     ret
@@ -475,6 +511,8 @@ race_unknown_nmis:  .quad 0
 race_accidental:    .quad 0
 race_window_rounds: .quad 0
 race_stop_val:      .quad 0
+race_interfered:    .quad 0
+race_stale_stops:   .quad 0
 race_fixed:         .byte 0
 race_stress:        .byte 0
 race_point:         .byte 0

@@ -31,7 +31,8 @@ pub struct ExitState {
 /// The IBS state of one vCPU.
 pub struct VcpuIbs {
     dev: Vpmu<IbsSource>,
-    /// Nanoseconds this vCPU spent inside KVM_RUN: the synthetic source's clock.
+    /// CPU time (ns) this vCPU thread spent inside KVM_RUN, emulated kernel time weighted
+    /// (see [`VcpuIbs::account_run`]): the synthetic source's clock.
     guest_ns: u64,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
     nmi_in_service: bool,

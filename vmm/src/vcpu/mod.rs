@@ -1,6 +1,7 @@
 //! vCPUs: their initial state and the thread loop that runs them.
 
 pub mod completion;
+pub mod cpu_clock;
 pub mod exit;
 pub mod guest_walk;
 pub mod kick;
@@ -9,7 +10,6 @@ pub mod syscall_bridge;
 pub mod timer;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
@@ -22,6 +22,7 @@ use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
 use completion::Completion;
+use cpu_clock::thread_cpu_time;
 use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
 use profile::GuestProfiler;
 use syscall_bridge::SyscallBridge;
@@ -75,7 +76,8 @@ pub struct Vcpu {
     profiler: Option<GuestProfiler>,
     bridge: SyscallBridge,
     counters: Counters,
-    /// Nanoseconds spent inside KVM_RUN, in all and in the last one.
+    /// CPU time (ns) this thread spent inside KVM_RUN, in all and in the last one
+    /// (see [`cpu_clock`]).
     run_ns: u64,
     last_run_ns: u64,
     /// The guest's CPL at the last exit (so at the next entry).
@@ -346,10 +348,10 @@ impl Vcpu {
         }
         let pio = shared.devices();
         let policy = self.policy;
-        let started = Instant::now();
+        let started = thread_cpu_time();
         let result = self.fd.run();
         self.kicked = false;
-        let ran = started.elapsed().as_nanos() as u64;
+        let ran = (thread_cpu_time() - started).as_nanos() as u64;
         self.run_ns += ran;
         self.last_run_ns = ran;
         let local: &mut dyn VcpuDevices = match &mut self.ibs {

@@ -488,12 +488,12 @@ fn forced_samples_need_a_counting_unit_and_a_willing_source() {
     );
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     v.force_sample(UnitKind::Op, at, ForcedIrq::Now).unwrap();
+    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
     assert_eq!(
         v.force_sample(UnitKind::Op, at, ForcedIrq::Now),
         Err(ForceError::NotCounting(UnitKind::Op)),
-        "Val = 1: no second sample"
+        "Val = 1 and signalled: no second sample"
     );
-    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
 
     let mut v = Vpmu::new(VpmuConfig::default(), ThreadSource::default());
     linux_init(&mut v);
@@ -503,6 +503,35 @@ fn forced_samples_need_a_counting_unit_and_a_willing_source() {
         Err(ForceError::Unsupported(UnitKind::Op))
     );
     assert_eq!(v.stats().forced_samples, 0);
+}
+
+#[test]
+fn a_sample_that_latched_on_its_own_serves_a_late_force() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    // The period runs out naturally; its interrupt is not taken yet.
+    let t = v.next_deadline().unwrap();
+    assert!(v.sample_point(SamplePoint {
+        rip: 9,
+        guest_ns: t
+    }));
+    v.force_sample(
+        UnitKind::Op,
+        SamplePoint {
+            rip: 10,
+            guest_ns: t,
+        },
+        ForcedIrq::AfterCtlWrite,
+    )
+    .unwrap();
+    assert_eq!(v.take_interrupt(), None, "held now");
+    assert_eq!(v.rdmsr(IBS_OP_RIP), Ok(9), "the natural sample");
+    let ctl = v.rdmsr(IBS_OP_CTL).unwrap();
+    assert_eq!(ctl & (OP_EN | OP_VAL), OP_EN | OP_VAL);
+    v.wrmsr(IBS_OP_CTL, ctl & !OP_EN, NO).unwrap();
+    assert_eq!(v.take_interrupt(), None, "released and consumed");
+    assert_eq!(v.stats().samples_latched, 1);
 }
 
 #[test]
