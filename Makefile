@@ -15,7 +15,7 @@ CPUS          ?= 1
 # (see `ibsvm --help`, --linux-tsc-scale). 1 turns it off.
 TSC_SCALE     ?= 10
 
-.PHONY: all build images testkernel linux-image run run-linux test lint bench race-matrix stress clean
+.PHONY: all build images testkernel linux-image run run-linux test lint bench race-matrix stress race-linux clean
 
 all: build images
 
@@ -66,6 +66,17 @@ race-matrix: build testkernel
 ## cell (>= 100000 NMIs under protect with no stale Val); a few minutes.
 stress: build testkernel
 	$(CARGO) run --release --locked -q -p ibsvm-tests --bin race-matrix -- --stress
+
+## make race-linux [RACE_OPTS="IBS_RACE_SECONDS=120 ..."]: the race on Debian's stock,
+## unpatched kernel: boots it with only the ibs-race check (30 s of ibs_op toggling by
+## default), faithful device, detector on (warn); reports races per 1000 toggles. Fails
+## only if the boot produced no numbers (the check FAILs if the kernel is caught: a finding).
+race-linux: build linux-image
+	python3 guest-images/linux/race_report.py -- $(IBSVM) run --kernel $(LINUX_DIR)/vmlinux \
+		--initrd $(LINUX_DIR)/initramfs.cpio \
+		--cmdline "$(LINUX_CMDLINE) ibsvm.checks=ibs-race IBS_RACE_SECONDS=30 $(RACE_OPTS)" \
+		--cpus $(CPUS) \
+		--linux-tsc-scale $(TSC_SCALE) --ibs-policy faithful --ibs-race-check warn --stats
 
 clean:
 	$(CARGO) clean

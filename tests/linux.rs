@@ -1,5 +1,9 @@
 //! The stock Debian kernel (guest-images/linux) under real KVM: one boot carrying every
-//! guest-side check, asserted on the guest's own output.
+//! guest-side check, asserted on the guest's own output and ibsvm's counters.
+//!
+//! The device runs with its default policy (protect) and the race detector on
+//! (`--ibs-race-check warn`): the `ibs-race` check drives the unpatched kernel's IBS start
+//! path while the other unit sends NMIs, and protect must leave it nothing to trip on.
 
 use std::time::Duration;
 
@@ -28,6 +32,8 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
             "2",
             "--linux-tsc-scale",
             "10",
+            "--ibs-race-check",
+            "warn",
             "--stats",
         ],
         DEADLINE,
@@ -43,7 +49,7 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
     run.assert_line("ibsvm-init: start");
     run.assert_line("ibsvm-init: cpus online 2 (0-1)");
     // Every check passed, as the guest itself reports.
-    for check in ["ibs", "userspace"] {
+    for check in ["ibs", "ibs-race", "userspace"] {
         run.assert_line(&format!("ibsvm-check: {check}: PASS"));
     }
     run.assert_line("ibsvm-init: verdict PASS");
@@ -54,6 +60,11 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
             .contains("routing guest system calls through the #PF entry"),
         "{run}"
     );
+    // Protect: no CTL read ever presented a Val the device had not latched, so the
+    // detector had nothing to see (guest-images/linux/README.md has the numbers).
+    assert_eq!(run.stat("ibs.stale_val_reads"), 0, "{run}");
+    assert_eq!(run.stat("ibs.races_detected"), 0, "{run}");
+    assert!(!run.stderr.contains("guest IBS race"), "{run}");
     // Kernel log lines on the console start with their "[ seconds]" timestamp (the guest
     // checks quote these strings in their own result lines).
     let kernel_log: Vec<&str> = out.lines().filter(|l| l.starts_with('[')).collect();

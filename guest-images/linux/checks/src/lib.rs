@@ -10,6 +10,21 @@
 //! userspace: FAIL pipeline: run 7: output "" (status signal 11) (1 ms)
 //! userspace: done: 5 passed, 1 failed (120 ms)
 //! ```
+//!
+//! What more than one check needs lives in the modules below: [`perf`] (the
+//! `perf_event_open` ABI and calls), [`ring`] (the mmap'ed ring buffer and its records),
+//! [`ibs_pmu`] (Linux's IBS PMUs: sysfs, event attr, raw payloads), [`cpu`] (pinning),
+//! [`interrupts`] (`/proc/interrupts`), [`klog`] (the kernel log), [`options`]
+//! (`KEY=VALUE` options) and [`fixtures`] (byte-exact records for unit tests).
+
+pub mod cpu;
+pub mod fixtures;
+pub mod ibs_pmu;
+pub mod interrupts;
+pub mod klog;
+pub mod options;
+pub mod perf;
+pub mod ring;
 
 use std::ffi::OsString;
 use std::fmt::Display;
