@@ -182,6 +182,7 @@ mod tests {
                 rip: 0x1000,
                 nmi_blocked: false,
                 kicked: true,
+                user_mode: true,
             }),
             None,
             "host-mode samples never reach the guest"
@@ -207,6 +208,7 @@ mod tests {
                 rip: 0x1000,
                 nmi_blocked: false,
                 kicked: true,
+                user_mode: true,
             }),
             None
         ); // logs the error

@@ -26,6 +26,8 @@ pub struct ExitState {
     /// The exit was a kick (a timer or another thread stopped the vCPU), not caused by the
     /// guest's own instruction.
     pub kicked: bool,
+    /// The vCPU was at CPL3 when it exited (so it enters there again).
+    pub user_mode: bool,
 }
 
 /// The IBS state of one vCPU.
@@ -44,6 +46,11 @@ pub struct VcpuIbs {
     fixed_injected: u64,
     /// See [`VcpuIbs::account_run`]; 1 where KVM runs CPL0 code natively.
     cpl0_time_divisor: u64,
+    /// How many wall nanoseconds the kick timer allows per guest nanosecond still due when
+    /// the vCPU enters at CPL0 (see [`VcpuIbs::deadline_in`]): 1 to `cpl0_time_divisor`,
+    /// and the source deadline it was worked out for.
+    cpl0_timer_stretch: u64,
+    stretch_deadline: Option<u64>,
     /// A test-port command written by the exit being handled, run in [`VcpuIbs::after_exit`]
     /// (where the RIP is known).
     test_command: Option<Command>,
@@ -115,19 +122,37 @@ impl VcpuIbs {
             } else {
                 1
             },
+            cpl0_timer_stretch: 1,
+            stretch_deadline: None,
             test_command: None,
             test_commands: [0; 2],
             test_refused: 0,
         })
     }
 
-    /// How long (ns) until the vCPU should be stopped: the source's next deadline, or soon
-    /// if an interrupt was deferred.
-    pub fn deadline_in(&self) -> Option<u64> {
+    /// How long (wall ns) the vCPU may run before it is stopped, when it enters in user
+    /// mode (`entering_user`, CPL3) or in the kernel: the source's next deadline, or soon if
+    /// an interrupt was deferred.
+    ///
+    /// The deadline is in guest nanoseconds, which a run entered at CPL0 accrues at only
+    /// `1/cpl0_time_divisor` of its time (see [`VcpuIbs::account_run`]). Arming the timer for
+    /// that run at the guest time still due would kick a vCPU that stays in emulated kernel
+    /// code about `cpl0_time_divisor` times per period; arming it at `divisor` times that
+    /// would sample a user loop the kernel returns to (an NMI handler's IRET, no exit in
+    /// between) that much too late. So the wall time allowed per guest nanosecond starts at
+    /// 1 for each new deadline and doubles at each kick that finds the vCPU still in the
+    /// kernel with the deadline not reached, up to the divisor (about log2(divisor) kicks
+    /// per period instead of `divisor`); it falls back to 1 at the first exit in user mode.
+    pub fn deadline_in(&self, entering_user: bool) -> Option<u64> {
         let retry = self.irq_deferred.then_some(DEFERRED_IRQ_RETRY_NS);
+        let stretch = if entering_user {
+            1
+        } else {
+            self.cpl0_timer_stretch
+        };
         self.dev
             .next_deadline()
-            .map(|d| d.saturating_sub(self.guest_ns))
+            .map(|d| d.saturating_sub(self.guest_ns).saturating_mul(stretch))
             .into_iter()
             .chain(retry)
             .min()
@@ -169,7 +194,18 @@ impl VcpuIbs {
             rip,
             nmi_blocked,
             kicked,
+            user_mode,
         } = exit;
+        let due = |ibs: &Self| ibs.dev.next_deadline().is_some_and(|d| ibs.guest_ns >= d);
+        let deadline = self.dev.next_deadline();
+        self.cpl0_timer_stretch = if user_mode || deadline != self.stretch_deadline {
+            1
+        } else if kicked && !due(self) {
+            (self.cpl0_timer_stretch * 2).min(self.cpl0_time_divisor)
+        } else {
+            self.cpl0_timer_stretch
+        };
+        self.stretch_deadline = deadline;
         if self.nmi_in_service && !nmi_blocked {
             self.nmi_in_service = false;
             self.dev.nmi_returned();
@@ -177,7 +213,7 @@ impl VcpuIbs {
         if let Some(command) = self.test_command.take() {
             self.run_test_command(command, rip);
         }
-        if kicked && self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
+        if kicked && due(self) {
             self.dev.sample_point(SamplePoint {
                 rip,
                 guest_ns: self.guest_ns,
@@ -331,12 +367,21 @@ mod tests {
     const OP_EN: u64 = 1 << 17;
     const OP_VAL: u64 = 1 << 18;
 
-    /// A kick exit at `rip`.
+    /// A kick exit at `rip`, in user mode.
     fn kick(rip: u64, nmi_blocked: bool) -> ExitState {
         ExitState {
             rip,
             nmi_blocked,
             kicked: true,
+            user_mode: true,
+        }
+    }
+
+    /// A kick exit at `rip` in kernel mode.
+    fn kernel_kick(rip: u64) -> ExitState {
+        ExitState {
+            user_mode: false,
+            ..kick(rip, false)
         }
     }
 
@@ -388,14 +433,14 @@ mod tests {
         // The sample latches at an exit inside some NMI handler: not injected there.
         assert_eq!(ibs.after_exit(kick(0x10, true)), None);
         assert_eq!(
-            ibs.deadline_in(),
+            ibs.deadline_in(true),
             Some(DEFERRED_IRQ_RETRY_NS),
             "retried soon"
         );
         // Handler gone: the request is re-checked and taken.
         assert_eq!(ibs.after_exit(kick(0x20, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
-        assert_eq!(ibs.deadline_in(), None);
+        assert_eq!(ibs.deadline_in(true), None);
         // Again, but this time the handler consumes the sample first (a re-enable):
         // nothing is injected for it afterwards.
         ibs.after_exit(kick(0x20, true));
@@ -425,9 +470,10 @@ mod tests {
             rip: 0x50,
             nmi_blocked: false,
             kicked: false,
+            user_mode: true,
         };
         assert_eq!(ibs.after_exit(own), None);
-        assert_eq!(ibs.deadline_in(), Some(0), "kick at once");
+        assert_eq!(ibs.deadline_in(true), Some(0), "kick at once");
         assert_eq!(ibs.after_exit(kick(0x60, false)), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x60)));
     }
@@ -463,6 +509,57 @@ mod tests {
             ibs.rdmsr(0xc001_1034),
             Some(Ok(0x40_2000)),
             "the sample is in user code"
+        );
+    }
+
+    #[test]
+    fn the_kick_timer_stretches_while_the_vcpu_stays_in_the_kernel() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, true).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        // MaxCnt 0x1000: 65 536 ops, 65.5 µs of guest time.
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        let period = 65_536;
+        assert_eq!(
+            ibs.deadline_in(true),
+            Some(period),
+            "user mode: guest ns are wall ns"
+        );
+        assert_eq!(
+            ibs.deadline_in(false),
+            Some(period),
+            "first kernel run: no stretch yet"
+        );
+        // The vCPU stays in emulated kernel code: each kick doubles the wall time allowed,
+        // so the period ends after about log2(1000) kicks, not 1000.
+        let mut kicks = 0;
+        loop {
+            let wall = ibs.deadline_in(false).unwrap();
+            ibs.account_run(wall, false);
+            kicks += 1;
+            if ibs.after_exit(kernel_kick(0xffff_ffff_8100_0000)).is_some() {
+                break;
+            }
+            assert!(kicks < 20, "{kicks} kicks and no sample");
+        }
+        assert!((9..=12).contains(&kicks), "{kicks} kicks for one period");
+        ibs.injected(Interrupt::Nmi);
+        // The handler re-arms; a new period starts with no stretch, so a user loop the
+        // handler returns to is sampled on time.
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        ibs.after_exit(ExitState {
+            kicked: false,
+            ..kernel_kick(0xffff_ffff_8100_0040)
+        });
+        assert_eq!(ibs.deadline_in(false), Some(period));
+        ibs.after_exit(kernel_kick(0xffff_ffff_8100_0080));
+        assert_eq!(ibs.deadline_in(false), Some(period * 2));
+        // The first exit in user mode resets the stretch.
+        ibs.after_exit(kick(0x40_2000, true));
+        assert_eq!(ibs.deadline_in(false), Some(period));
+        assert_eq!(
+            ibs.deadline_in(true),
+            Some(period),
+            "in user mode, never stretched"
         );
     }
 

@@ -202,7 +202,8 @@ impl Vcpu {
 
     /// Makes sure the vCPU leaves KVM_RUN by the next IBS deadline or profiler tick.
     fn arm_timer(&mut self) -> std::io::Result<()> {
-        let ibs = self.ibs.as_ref().and_then(VcpuIbs::deadline_in);
+        let entering_user = self.cpl == 3;
+        let ibs = self.ibs.as_ref().and_then(|i| i.deadline_in(entering_user));
         let profile = self.profiler.as_ref().map(|p| p.due_in(self.run_ns));
         match ibs.into_iter().chain(profile).min() {
             Some(ns) => {
@@ -298,6 +299,7 @@ impl Vcpu {
             rip: sync.regs.rip,
             nmi_blocked,
             kicked: self.kicked,
+            user_mode: cpl == 3,
         };
         let Some(irq) = ibs.after_exit(exit) else {
             return Ok(());
