@@ -98,6 +98,21 @@ fn i8042_reset_ends_with_status_0() {
 }
 
 #[test]
+fn every_cpu_halted_with_interrupts_off_ends_with_status_0() {
+    // Linux's halt, and its power-off without ACPI, end like this: the VM must end, not hang.
+    for cpus in ["1", "2"] {
+        let run = boot("test=halt", &["--cpus", cpus]);
+        run.assert_line(&format!("halt: {cpus} cpus halting with interrupts off"));
+        assert_eq!(run.code(), 0, "{run}");
+        assert!(
+            run.stderr
+                .contains("guest halted every vCPU with interrupts disabled"),
+            "{run}"
+        );
+    }
+}
+
+#[test]
 fn deliberate_triple_fault_is_a_reset() {
     let run = boot("test=reboot", &[]);
     run.assert_line("reboot: faulting with an empty IDT");

@@ -68,6 +68,9 @@ pub enum GuestStop {
     Reset(&'static str),
     /// The guest powered off.
     PowerOff,
+    /// Every vCPU halted with interrupts disabled, where nothing can wake it: Linux's halt,
+    /// and its power-off on a machine without ACPI (see `crate::vcpu::halt`).
+    Halted,
     /// `--ibs-race-check fail`: the guest kernel hit the stale-Val IBS race.
     IbsRace {
         /// Which vCPU.
@@ -93,7 +96,7 @@ impl GuestStop {
     pub fn exit_status(&self) -> u8 {
         match self {
             Self::TestExit(status) => *status,
-            Self::Reset(_) | Self::PowerOff => 0,
+            Self::Reset(_) | Self::PowerOff | Self::Halted => 0,
             Self::Crash { .. } => EXIT_GUEST_CRASH,
             Self::IbsRace { .. } => EXIT_IBS_RACE,
         }
@@ -106,6 +109,10 @@ impl fmt::Display for GuestStop {
             Self::TestExit(s) => write!(f, "guest wrote {s} to the test-exit port"),
             Self::Reset(how) => write!(f, "guest reset ({how})"),
             Self::PowerOff => write!(f, "guest powered off"),
+            Self::Halted => write!(
+                f,
+                "guest halted every vCPU with interrupts disabled (a halt, or a power-off on this VM without ACPI)"
+            ),
             Self::IbsRace { vcpu, report } => write!(f, "vCPU {vcpu}: {report}"),
             Self::Crash {
                 vcpu,
@@ -133,6 +140,7 @@ mod tests {
         assert_eq!(GuestStop::TestExit(7).exit_status(), 7);
         assert_eq!(GuestStop::Reset("i8042").exit_status(), 0);
         assert_eq!(GuestStop::PowerOff.exit_status(), 0);
+        assert_eq!(GuestStop::Halted.exit_status(), 0);
         let crash = GuestStop::Crash {
             vcpu: 1,
             rip: 0x1000,

@@ -30,6 +30,7 @@ use crate::memory::{self, MemoryError};
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
 use crate::vcpu::exit::DispatchPolicy;
+use crate::vcpu::halt::{self, HaltWatch};
 use crate::vcpu::profile::GuestProfiler;
 use crate::vcpu::syscall_bridge::{PfTrap, MSR_LSTAR, MSR_SFMASK};
 use crate::vcpu::{kick, Vcpu, VcpuError, VcpuReport};
@@ -179,6 +180,7 @@ pub struct VmShared {
     end: Mutex<Option<VmEnd>>,
     stopping: AtomicBool,
     wake: EventFd,
+    halt: HaltWatch,
 }
 
 impl VmShared {
@@ -197,6 +199,11 @@ impl VmShared {
             ..Default::default()
         };
         self.vm.signal_msi(msi).map(drop)
+    }
+
+    /// The check for a guest that halted for good.
+    pub fn halt_watch(&self) -> &HaltWatch {
+        &self.halt
     }
 
     /// How the syscall bridge traps the guest's #PF entry (decided by the first vCPU).
@@ -421,6 +428,7 @@ impl Vm {
             end: Mutex::new(None),
             stopping: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("stop eventfd"))?,
+            halt: HaltWatch::new(usize::from(spec.cpus)),
         });
 
         let supported = kvm
@@ -539,9 +547,18 @@ impl Vm {
                 }
             }
         }
+        let mut last_round = Instant::now();
+        let interval = halt::CHECK_INTERVAL;
         while !self.shared.stopping() {
-            if let Err(e) = events.run() {
+            if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
                 self.shared.fail(format!("event loop: {e:?}"));
+            }
+            if last_round.elapsed() >= interval {
+                last_round = Instant::now();
+                self.shared.halt_watch().next_round();
+                for t in &threads {
+                    kick::kick(t.as_pthread_t());
+                }
             }
         }
         for t in &threads {

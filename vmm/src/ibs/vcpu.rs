@@ -253,6 +253,11 @@ impl VcpuIbs {
         self.test_refused += 1;
     }
 
+    /// The device wants an interrupt injected (now or once the guest's NMI handler ends).
+    pub fn interrupt_pending(&self) -> bool {
+        self.dev.interrupt_pending()
+    }
+
     /// The embedder injected `irq`.
     pub fn injected(&mut self, irq: Interrupt) {
         match irq {

@@ -4,6 +4,7 @@ pub mod completion;
 pub mod cpu_clock;
 pub mod exit;
 pub mod guest_walk;
+pub mod halt;
 pub mod kick;
 pub mod profile;
 pub mod syscall_bridge;
@@ -11,7 +12,7 @@ pub mod timer;
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_HALTED};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -24,6 +25,7 @@ use crate::vm::VmShared;
 use completion::Completion;
 use cpu_clock::thread_cpu_time;
 use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
+use halt::VcpuActivity;
 use profile::GuestProfiler;
 use syscall_bridge::SyscallBridge;
 use timer::KickTimer;
@@ -44,6 +46,8 @@ const MSR_K7_HWCR: u32 = 0xc001_0015;
 const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 /// #BP, vector 3.
 const VECTOR_BP: u8 = 3;
+/// RFLAGS bit 9 IF, interrupts enabled (SDM vol. 1 §3.4.3).
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// Errors setting up or running a vCPU.
 #[derive(Debug, Error)]
@@ -86,6 +90,8 @@ pub struct Vcpu {
     kicked: bool,
     /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
     timer: Option<KickTimer>,
+    /// The last [`halt::HaltWatch`] round this vCPU reported in.
+    halt_round: u64,
 }
 
 /// What a vCPU thread hands back when the VM ends.
@@ -121,6 +127,7 @@ impl Vcpu {
             cpl: 0,
             kicked: false,
             timer: None,
+            halt_round: 0,
         }
     }
 
@@ -245,6 +252,9 @@ impl Vcpu {
                 Ok(Outcome::Stop(stop)) => shared.stop(self.locate(stop)),
                 Err(e) => shared.fail(e.to_string()),
             }
+            if let Err(e) = self.watch_halt(&shared) {
+                shared.fail(e.to_string());
+            }
             if let Err(e) = self.after_exit(&shared) {
                 shared.fail(e.to_string());
             }
@@ -322,6 +332,48 @@ impl Vcpu {
         }
         ibs.injected(irq);
         Ok(())
+    }
+
+    /// Tells the VM's [`halt::HaltWatch`] what this exit showed: any exit but a kick means the
+    /// vCPU runs; at the first kick of a check round, whether it is halted for good.
+    fn watch_halt(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
+        let watch = shared.halt_watch();
+        let id = usize::from(self.id);
+        if !self.kicked {
+            watch.running(id);
+            return Ok(());
+        }
+        let round = watch.round();
+        if round == self.halt_round {
+            return Ok(());
+        }
+        self.halt_round = round;
+        let activity = self.activity()?;
+        if watch.report(id, activity) {
+            shared.stop(GuestStop::Halted);
+        }
+        Ok(())
+    }
+
+    /// Whether the vCPU sits in HLT with interrupts disabled and nothing to wake it.
+    fn activity(&self) -> Result<VcpuActivity, VcpuError> {
+        let sync = self.fd.sync_regs();
+        let nmi = sync.events.nmi;
+        let nmi_coming = nmi.pending != 0
+            || nmi.injected != 0
+            || self.ibs.as_ref().is_some_and(VcpuIbs::interrupt_pending);
+        if sync.regs.rflags & RFLAGS_IF != 0 || nmi_coming {
+            return Ok(VcpuActivity::Running);
+        }
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(self.ioctl_err("KVM_GET_MP_STATE"))?;
+        Ok(if mp.mp_state == KVM_MP_STATE_HALTED {
+            VcpuActivity::HaltedForGood
+        } else {
+            VcpuActivity::Running
+        })
     }
 
     /// Fills in which vCPU and where for a crash.
