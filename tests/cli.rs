@@ -173,6 +173,21 @@ fn guest_too_large_for_memory() {
         1,
         "--memory 4 MiB is out of range",
     );
+    // A kernel whose image (here its second PT_LOAD's p_memsz: program headers start at
+    // e_phoff 64 and are 56 bytes each, p_memsz at +40; ELF-64 gABI) ends past RAM.
+    let mut elf = std::fs::read(&kernel).unwrap();
+    assert_eq!(u64::from_le_bytes(elf[32..40].try_into().unwrap()), 64);
+    let memsz = 64 + 56 + 40;
+    elf[memsz..memsz + 8].copy_from_slice(&(512u64 << 20).to_le_bytes());
+    let huge = scratch("huge-bss.elf", &elf);
+    assert_error(
+        &ibsvm(
+            &["run", "--kernel", huge.to_str().unwrap(), "--memory", "256"],
+            DEADLINE,
+        ),
+        1,
+        "outside guest RAM 0x100000..0x10000000 (try a larger --memory)",
+    );
 }
 
 #[test]

@@ -68,6 +68,21 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
     // Kernel log lines on the console start with their "[ seconds]" timestamp (the guest
     // checks quote these strings in their own result lines).
     let kernel_log: Vec<&str> = out.lines().filter(|l| l.starts_with('[')).collect();
+    // The platform ibsvm gives the guest, as the guest kernel reports it: x2APIC
+    // (arch/x86/kernel/apic/apic.c), kvmclock as its clocksource (kernel/time/clocksource.c),
+    // and IBS with exactly the capability word ibsvm advertises by default, `zen3` 0x3ff
+    // (arch/x86/events/amd/ibs.c prints it as %08x).
+    for want in [
+        "x2apic enabled",
+        "clocksource: Switched to clocksource kvm-clock",
+        "LVT offset 0 assigned for vector 0x400",
+        "perf: AMD IBS detected (0x000003ff)",
+    ] {
+        assert!(
+            kernel_log.iter().any(|l| l.contains(want)),
+            "guest log lacks {want:?}\n{run}"
+        );
+    }
     for bad in [
         "NMI received for unknown reason",
         "[Firmware Bug]",

@@ -903,6 +903,35 @@ fn synthetic_sequence_is_deterministic() {
     assert!(a[0].1 == UnitKind::Fetch && (0x800 - 15..=0x800).contains(&a[0].0));
 }
 
+/// The snapshot and configuration survive a trip through a self-describing format (JSON),
+/// and a caps word the device refuses is refused on the way in too.
+#[cfg(feature = "serde")]
+#[test]
+fn serde_roundtrip_of_state_and_config() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    run_to_sample(&mut v, 0x77).unwrap();
+    let state = v.save_state();
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VpmuState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+    let mut w = synthetic(VpmuConfig::default());
+    w.restore_state(&back).unwrap();
+    assert_eq!(w.rdmsr(IBS_OP_RIP), Ok(0x77));
+
+    let config = VpmuConfig::default();
+    let json = serde_json::to_string(&config).unwrap();
+    assert_eq!(serde_json::from_str::<VpmuConfig>(&json).unwrap(), config);
+    // Caps travel as their u32 word and are validated like IbsCaps::new (OPDATA4, bit 10).
+    let opdata4 = json.replace(
+        &format!("\"caps\":{}", u32::from(config.caps)),
+        &format!("\"caps\":{}", u32::from(config.caps) | 1 << 10),
+    );
+    assert_ne!(opdata4, json, "caps field not found in {json}");
+    assert!(serde_json::from_str::<VpmuConfig>(&opdata4).is_err());
+}
+
 #[test]
 fn save_restore_roundtrip_and_validation() {
     let mut v = synthetic(VpmuConfig::default());
