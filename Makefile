@@ -50,6 +50,9 @@ lint:
 test: build images lint
 	$(CARGO) test --release --locked --workspace
 	$(CARGO) test --release --locked -p vpmu --features host-perf,serde
+	cd guest-images/linux/checks && \
+		$(CARGO) test --release --locked --target x86_64-unknown-linux-gnu
+	python3 -m unittest discover -s guest-images/linux -p 'test_*.py'
 
 ## make bench: vpmu_rdmsr_ns, vpmu_wrmsr_ns (the device alone) and ibs_msr_exit_ratio
 ## (a guest's trapped IBS RDMSR against a trapped MSR with no device; fails above its

@@ -27,7 +27,8 @@ STATS_PREFIX = "ibsvm stats: "
 # the line cannot forge one (they have no KEY=number shape with these keys).
 PAIR = re.compile(r"^([a-z_]+)=(\d+|-)$")
 # The stats the report uses; missing ones are reported as such.
-STATS = ("ibs.races_detected", "ibs.stale_val_reads", "ibs.nmis_injected", "ibs.samples_latched")
+STATS = ("ibs.races_detected", "ibs.val_written_back", "ibs.stale_val_reads", "ibs.nmis_injected",
+         "ibs.samples_latched")
 # Result keys combined over several runs by their maximum; all others are summed.
 MAX_KEYS = ("longest_toggle_ms",)
 
@@ -127,7 +128,12 @@ def report(stdout, stderr, status=None):
     if races is not None:
         out.append("races (ibsvm)          %d  ibs.races_detected" % races)
         out.append("races per 1000 toggles %s" % per_thousand(races, toggles))
-    for name in STATS[1:]:
+    written_back = stats.get("ibs.val_written_back")
+    if written_back is not None:
+        # The race's first half: perf_ibs_stop wrote a latched sample's Val=1 back.
+        out.append("Val written back       %d (per 1000 toggles %s): stop left the stale state"
+                   % (written_back, per_thousand(written_back, toggles)))
+    for name in STATS[2:]:
         if name in stats:
             out.append("%-22s %d" % (name, stats[name]))
     if lines:

@@ -28,6 +28,7 @@ STDERR = "\n".join([
     "ibsvm: warn: vCPU 0: guest IBS race on the op unit: enabled from an NMI handler ...",
     "ibsvm stats: exit.kick 1234",
     "ibsvm stats: ibs.races_detected 3",
+    "ibsvm stats: ibs.val_written_back 6",
     "ibsvm stats: ibs.stale_val_reads 5",
     "ibsvm stats: ibs.nmis_injected 77",
 ])
@@ -78,6 +79,8 @@ class ReportTest(unittest.TestCase):
         self.assertIn("races per 1000 toggles 2.50", text)
         self.assertIn("toggles                1200 in 3000 ms of guest time (400/s), longest 40 ms", text)
         self.assertIn("stale per 1000       1.67", text)
+        self.assertIn("Val written back       6 (per 1000 toggles 5.00)", text)
+        self.assertIn("ibs.stale_val_reads    5", text)
         self.assertIn("check                  FAIL (status 1) (failed: stale-samples)", text)
         self.assertNotIn("MISSING", text)
 

@@ -276,6 +276,9 @@ impl<S: SampleSource> Vpmu<S> {
             });
         }
         self.check_race(kind, value, ctx);
+        if value & kind.val() != 0 && value & kind.en() == 0 {
+            self.stats.val_written_back += 1;
+        }
         let mut stored = value & !kind.ctl_ignored();
         if self.config.policy == Policy::Protect {
             // Spec §5.8: Val is owned by the device.

@@ -58,6 +58,10 @@ pub struct Stats {
     /// CTL reads that returned Val = 1 not latched by the device (always 0 under
     /// [`crate::Policy::Protect`]).
     pub stale_val_reads: u64,
+    /// CTL writes carrying Val = 1 with En = 0: a stop path (Linux `perf_ibs_stop`)
+    /// writing back the CTL of a latched sample, the state the race starts from (spec §4).
+    /// Counted under both policies; [`crate::Policy::Protect`] stores them with Val = 0.
+    pub val_written_back: u64,
     /// Guest IBS races detected (spec §5.9).
     pub races_detected: u64,
     /// Samples forced by the race-reproduction hook ([`crate::Vpmu::force_sample`]).
@@ -113,6 +117,7 @@ impl Stats {
             dropped_undeliverable,
             dropped_nothing_latched,
             stale_val_reads,
+            val_written_back,
             races_detected,
             forced_samples,
         } = *other;
@@ -132,6 +137,7 @@ impl Stats {
             (&mut self.dropped_undeliverable, dropped_undeliverable),
             (&mut self.dropped_nothing_latched, dropped_nothing_latched),
             (&mut self.stale_val_reads, stale_val_reads),
+            (&mut self.val_written_back, val_written_back),
             (&mut self.races_detected, races_detected),
             (&mut self.forced_samples, forced_samples),
         ];

@@ -302,6 +302,7 @@ impl VcpuIbs {
             ("ibs.dropped.undeliverable", s.dropped_undeliverable),
             ("ibs.dropped.nothing_latched", s.dropped_nothing_latched),
             ("ibs.stale_val_reads", s.stale_val_reads),
+            ("ibs.val_written_back", s.val_written_back),
             ("ibs.races_detected", s.races_detected),
             (
                 Command::FetchNmi.counter(),

@@ -372,6 +372,7 @@ fn race_detected_in_faithful_mode() {
     let mut v = synthetic(cfg(Policy::Faithful, RaceCheck::Fail));
     race_sequence(&mut v, NO, true);
     let s = v.stats();
+    assert_eq!(s.val_written_back, 1, "stop wrote the latched CTL back");
     assert_eq!(s.stale_val_reads, 1);
     assert_eq!(s.races_detected, 1);
     let race = v.take_race().expect("race reported");
@@ -408,6 +409,7 @@ fn protect_defuses_the_race() {
         let mut v = synthetic(cfg(Policy::Protect, check));
         race_sequence(&mut v, &|| true, true);
         let s = v.stats();
+        assert_eq!(s.val_written_back, 1, "counted, but stored as Val = 0");
         assert_eq!((s.stale_val_reads, s.races_detected), (0, 0));
         assert_eq!(v.take_race(), None);
     }
