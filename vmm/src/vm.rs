@@ -548,6 +548,7 @@ impl Vm {
             }
         }
         let mut last_round = Instant::now();
+        let mut exits_seen = vec![0; threads.len()];
         let interval = halt::CHECK_INTERVAL;
         while !self.shared.stopping() {
             if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
@@ -555,9 +556,10 @@ impl Vm {
             }
             if last_round.elapsed() >= interval {
                 last_round = Instant::now();
-                self.shared.halt_watch().next_round();
-                for t in &threads {
-                    kick::kick(t.as_pthread_t());
+                for id in self.shared.halt_watch().next_round(&mut exits_seen) {
+                    if let Some(t) = threads.get(id) {
+                        kick::kick(t.as_pthread_t());
+                    }
                 }
             }
         }

@@ -12,11 +12,17 @@
 //! maskable interrupts, and the IBS sampler counts guest run time, which stops while
 //! halted. The VM then ends as a power-off.
 //!
-//! The main thread starts a check round every [`CHECK_INTERVAL`] and kicks the vCPUs; each
-//! vCPU thread, at its kick exit, reports whether it is halted that way ([`HaltWatch::report`]).
-//! A vCPU that exits for any other reason is running. The VM is halted when every vCPU has
+//! The main thread starts a check round every [`CHECK_INTERVAL`] and kicks the vCPUs that
+//! have not exited since the last round (a halted vCPU never does; one that exits is plainly
+//! running, and an asynchronous exit costs the guest, see below); each kicked vCPU thread, at
+//! its kick exit, reports whether it is halted that way ([`HaltWatch::report`]). A vCPU that
+//! exits for any other reason is running. The VM is halted when every vCPU has
 //! been seen halted in two consecutive rounds with no exit in between: a vCPU woken by
 //! another's NMI just after it was seen halted is seen running at the next round's kick.
+//!
+//! Kicks are kept to quiet vCPUs because every kick is an exit at an arbitrary guest
+//! instruction, and on CPL0-emulating hosts asynchronous exits make a host bug more likely
+//! (guest-images/linux/README.md, "userspace").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -40,6 +46,8 @@ struct Seen {
     halted_since: AtomicU64,
     /// The last round it reported in.
     round: AtomicU64,
+    /// Exits other than kicks so far.
+    exits: AtomicU64,
 }
 
 /// The VM-wide halt check (see the module docs).
@@ -59,9 +67,21 @@ impl HaltWatch {
         }
     }
 
-    /// Starts a new round (the caller then kicks every vCPU).
-    pub fn next_round(&self) {
+    /// Starts a new round; returns the vCPUs to kick: those with no exit since the last
+    /// call, whose exit counts `seen` (one per vCPU, kept by the caller) then held.
+    pub fn next_round(&self, seen: &mut [u64]) -> Vec<usize> {
         self.round.fetch_add(1, Ordering::AcqRel);
+        self.vcpus
+            .iter()
+            .zip(seen.iter_mut())
+            .enumerate()
+            .filter_map(|(id, (v, seen))| {
+                let exits = v.exits.load(Ordering::Relaxed);
+                let quiet = exits == *seen;
+                *seen = exits;
+                quiet.then_some(id)
+            })
+            .collect()
     }
 
     /// The current round: a vCPU checks its state at a kick once per round.
@@ -100,6 +120,7 @@ impl HaltWatch {
     /// Marks vCPU `id` running, cheaply, at an exit that is not a kick.
     pub fn running(&self, id: usize) {
         if let Some(seen) = self.vcpus.get(id) {
+            seen.exits.fetch_add(1, Ordering::Relaxed);
             if seen.halted_since.load(Ordering::Relaxed) != 0 {
                 seen.halted_since.store(0, Ordering::Release);
             }
@@ -115,9 +136,10 @@ mod tests {
     #[test]
     fn two_rounds_of_every_vcpu_halted() {
         let w = HaltWatch::new(2);
+        let mut seen = [0; 2];
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(1, HaltedForGood), "one round is not enough");
-        w.next_round();
+        w.next_round(&mut seen);
         assert!(
             !w.report(0, HaltedForGood),
             "vCPU 1 not yet seen this round"
@@ -128,18 +150,30 @@ mod tests {
     #[test]
     fn any_sign_of_life_starts_over() {
         let w = HaltWatch::new(2);
+        let mut seen = [0; 2];
         w.report(0, HaltedForGood);
         w.report(1, HaltedForGood);
-        w.next_round();
+        w.next_round(&mut seen);
         w.running(1); // an exit: vCPU 1 was woken (say by an NMI from vCPU 0)
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(1, HaltedForGood));
-        w.next_round();
+        w.next_round(&mut seen);
         w.report(1, HaltedForGood);
         assert!(w.report(0, HaltedForGood));
         w.report(0, Running);
-        w.next_round();
+        w.next_round(&mut seen);
         assert!(!w.report(1, HaltedForGood), "vCPU 0 runs");
+    }
+
+    #[test]
+    fn only_quiet_vcpus_are_kicked() {
+        let w = HaltWatch::new(3);
+        let mut seen = [0; 3];
+        assert_eq!(w.next_round(&mut seen), [0, 1, 2], "no exits yet");
+        w.running(1);
+        w.running(1);
+        assert_eq!(w.next_round(&mut seen), [0, 2], "vCPU 1 exited");
+        assert_eq!(w.next_round(&mut seen), [0, 1, 2], "and then did not");
     }
 
     #[test]
@@ -148,7 +182,7 @@ mod tests {
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(7, HaltedForGood), "no such vCPU");
         w.running(7);
-        w.next_round();
+        w.next_round(&mut [0]);
         assert!(w.report(0, HaltedForGood));
     }
 }
