@@ -49,7 +49,7 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
     run.assert_line("ibsvm-init: start");
     run.assert_line("ibsvm-init: cpus online 2 (0-1)");
     // Every check passed, as the guest itself reports.
-    for check in ["ibs", "ibs-race", "userspace"] {
+    for check in ["fpu", "ibs", "ibs-race", "userspace"] {
         run.assert_line(&format!("ibsvm-check: {check}: PASS"));
     }
     run.assert_line("ibsvm-init: verdict PASS");
@@ -65,6 +65,8 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
     assert_eq!(run.stat("ibs.stale_val_reads"), 0, "{run}");
     assert_eq!(run.stat("ibs.races_detected"), 0, "{run}");
     assert!(!run.stderr.contains("guest IBS race"), "{run}");
+    // The vector state the guest kernel saves stays each task's own.
+    assert!(out.contains("fpu: ok xmm-isolation:"), "{run}");
     // Kernel log lines on the console start with their "[ seconds]" timestamp (the guest
     // checks quote these strings in their own result lines).
     let kernel_log: Vec<&str> = out.lines().filter(|l| l.starts_with('[')).collect();

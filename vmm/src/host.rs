@@ -17,6 +17,12 @@ pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
         "clearcpuid=151,59,288,308,137,298,311,312,534",
         "popcnt, rdtscp, fsgsbase, smap, ssse3, invpcid, clflushopt, clwb and rdpid cannot be emulated",
     ),
+    // Passed to init's environment (a KEY=VALUE parameter without a dot). glibc >= 2.34
+    // then treats OSXSAVE, and so AVX/AVX2/AVX-512, as unusable (sysdeps/x86/cpu-features.c).
+    (
+        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE",
+        "with noxsave the kernel saves only x87/SSE state, but guest CPL3 sees the host's CPUID and XCR0: glibc's AVX string functions would share registers between tasks",
+    ),
 ];
 
 /// How the host runs guests.

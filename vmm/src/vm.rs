@@ -611,8 +611,9 @@ mod tests {
         assert!(added2.is_empty());
         // A user's own clearcpuid wins.
         let (c3, added3) = guest_cmdline("clearcpuid=1", true);
-        assert_eq!(c3, "clearcpuid=1 noxsave");
-        assert_eq!(added3, vec!["noxsave"]);
+        let tunables = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE";
+        assert_eq!(c3, format!("clearcpuid=1 noxsave {tunables}"));
+        assert_eq!(added3, vec!["noxsave", tunables]);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //!
 //! Kicks are kept to quiet vCPUs because every kick is an exit at an arbitrary guest
 //! instruction, and on CPL0-emulating hosts asynchronous exits make a host bug more likely
-//! (guest-images/linux/README.md, "userspace").
+//! (guest-images/linux/README.md, "The pipeline crash, root-caused").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! Exercises what a stock kernel on ibsvm's host needs from the VMM: system calls
 //! from CPL3, fork/exec/wait, pipelines (the known failure: busybox applets on the
 //! reading side of a pipeline died at start with a segfault in glibc's
-//! `__ctype_init`, reading TLS through FS), threads with thread-locals (the FS base
+//! `__ctype_init`: AVX state shared between tasks, see the `fpu` check), threads with thread-locals (the FS base
 //! across context switches) and /proc. Kept to a few thousand system calls, since
 //! every guest system call runs emulated kernel code.
 //!
