@@ -72,8 +72,9 @@ a test kernel place IBS NMIs exactly (docs/ibs-race.md).
 Exit status:
   the byte the guest wrote to port 0xf4; 0 after a guest reset, or once every
   vCPU sits in HLT with interrupts disabled (Linux's halt, and its power-off on
-  this VM, which has no ACPI); 120 if the guest crashed (diagnostic on stderr); 121 if --ibs-race-check fail caught
-  the guest in the IBS race; 1 if ibsvm failed; 2 usage error
+  this VM, which has no ACPI); 120 if the guest crashed (diagnostic on stderr);
+  121 if --ibs-race-check fail caught the guest in the IBS race; 1 if ibsvm
+  failed; 2 usage error
 ";
 
 /// What the command line asks for.

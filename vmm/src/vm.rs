@@ -548,7 +548,6 @@ impl Vm {
             }
         }
         let mut last_round = Instant::now();
-        let mut exits_seen = vec![0; threads.len()];
         let interval = halt::CHECK_INTERVAL;
         while !self.shared.stopping() {
             if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
@@ -556,7 +555,7 @@ impl Vm {
             }
             if last_round.elapsed() >= interval {
                 last_round = Instant::now();
-                for id in self.shared.halt_watch().next_round(&mut exits_seen) {
+                for id in self.shared.halt_watch().next_round() {
                     if let Some(t) = threads.get(id) {
                         kick::kick(t.as_pthread_t());
                     }

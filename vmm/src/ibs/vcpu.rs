@@ -196,11 +196,11 @@ impl VcpuIbs {
             kicked,
             user_mode,
         } = exit;
-        let due = |ibs: &Self| ibs.dev.next_deadline().is_some_and(|d| ibs.guest_ns >= d);
         let deadline = self.dev.next_deadline();
+        let reached = deadline.is_some_and(|d| self.guest_ns >= d);
         self.cpl0_timer_stretch = if user_mode || deadline != self.stretch_deadline {
             1
-        } else if kicked && !due(self) {
+        } else if kicked && !reached {
             (self.cpl0_timer_stretch * 2).min(self.cpl0_time_divisor)
         } else {
             self.cpl0_timer_stretch
@@ -213,7 +213,8 @@ impl VcpuIbs {
         if let Some(command) = self.test_command.take() {
             self.run_test_command(command, rip);
         }
-        if kicked && due(self) {
+        // Again: a test-port command may have re-armed a unit.
+        if kicked && self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
             self.dev.sample_point(SamplePoint {
                 rip,
                 guest_ns: self.guest_ns,

@@ -48,6 +48,8 @@ struct Seen {
     round: AtomicU64,
     /// Exits other than kicks so far.
     exits: AtomicU64,
+    /// `exits` when the current round started (written by the main thread only).
+    exits_at_round: AtomicU64,
 }
 
 /// The VM-wide halt check (see the module docs).
@@ -68,17 +70,15 @@ impl HaltWatch {
     }
 
     /// Starts a new round; returns the vCPUs to kick: those with no exit since the last
-    /// call, whose exit counts `seen` (one per vCPU, kept by the caller) then held.
-    pub fn next_round(&self, seen: &mut [u64]) -> Vec<usize> {
+    /// round started.
+    pub fn next_round(&self) -> Vec<usize> {
         self.round.fetch_add(1, Ordering::AcqRel);
         self.vcpus
             .iter()
-            .zip(seen.iter_mut())
             .enumerate()
-            .filter_map(|(id, (v, seen))| {
+            .filter_map(|(id, v)| {
                 let exits = v.exits.load(Ordering::Relaxed);
-                let quiet = exits == *seen;
-                *seen = exits;
+                let quiet = v.exits_at_round.swap(exits, Ordering::Relaxed) == exits;
                 quiet.then_some(id)
             })
             .collect()
@@ -136,10 +136,9 @@ mod tests {
     #[test]
     fn two_rounds_of_every_vcpu_halted() {
         let w = HaltWatch::new(2);
-        let mut seen = [0; 2];
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(1, HaltedForGood), "one round is not enough");
-        w.next_round(&mut seen);
+        w.next_round();
         assert!(
             !w.report(0, HaltedForGood),
             "vCPU 1 not yet seen this round"
@@ -150,30 +149,28 @@ mod tests {
     #[test]
     fn any_sign_of_life_starts_over() {
         let w = HaltWatch::new(2);
-        let mut seen = [0; 2];
         w.report(0, HaltedForGood);
         w.report(1, HaltedForGood);
-        w.next_round(&mut seen);
+        w.next_round();
         w.running(1); // an exit: vCPU 1 was woken (say by an NMI from vCPU 0)
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(1, HaltedForGood));
-        w.next_round(&mut seen);
+        w.next_round();
         w.report(1, HaltedForGood);
         assert!(w.report(0, HaltedForGood));
         w.report(0, Running);
-        w.next_round(&mut seen);
+        w.next_round();
         assert!(!w.report(1, HaltedForGood), "vCPU 0 runs");
     }
 
     #[test]
     fn only_quiet_vcpus_are_kicked() {
         let w = HaltWatch::new(3);
-        let mut seen = [0; 3];
-        assert_eq!(w.next_round(&mut seen), [0, 1, 2], "no exits yet");
+        assert_eq!(w.next_round(), [0, 1, 2], "no exits yet");
         w.running(1);
         w.running(1);
-        assert_eq!(w.next_round(&mut seen), [0, 2], "vCPU 1 exited");
-        assert_eq!(w.next_round(&mut seen), [0, 1, 2], "and then did not");
+        assert_eq!(w.next_round(), [0, 2], "vCPU 1 exited");
+        assert_eq!(w.next_round(), [0, 1, 2], "and then did not");
     }
 
     #[test]
@@ -182,7 +179,7 @@ mod tests {
         assert!(!w.report(0, HaltedForGood));
         assert!(!w.report(7, HaltedForGood), "no such vCPU");
         w.running(7);
-        w.next_round(&mut [0]);
+        w.next_round();
         assert!(w.report(0, HaltedForGood));
     }
 }

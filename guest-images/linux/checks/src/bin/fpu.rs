@@ -10,11 +10,11 @@
 //! registers no one saves (guest-images/linux/README.md, "The pipeline crash").
 //!
 //! This check shows both halves: a few processes, all on this CPU, each hold their own
-//! pattern in registers and check it in a loop of plain register compares, touching a
-//! new page (a page fault) and yielding the CPU every round, so that the kernel switches
-//! tasks again and again.
+//! pattern in registers and check it in a loop of plain register compares, yielding the
+//! CPU every round, so that the kernel switches tasks again and again.
 //! - `xmm-isolation`: XMM0–XMM7 (FXSAVE state) must stay each task's own.
-//! - `ymm-isolation`: the upper half of YMM0 (AVX state), checked when XCR0 enables AVX
+//! - `ymm-isolation`: the upper half of YMM0 (AVX state), each round also touching a new
+//!   page (the crash's page fault), checked when XCR0 enables AVX
 //!   and the kernel manages AVX (`avx` in /proc/cpuinfo). When XCR0 enables AVX but the
 //!   kernel does not manage it, user space has no business using it: the result is
 //!   printed as info (`not isolated between tasks: ...` on such hosts), not failed.
@@ -72,9 +72,9 @@ fn main() {
             o.number("FPU_ROUNDS", 300, 1..=1_000_000)?,
         ))
     });
+    let xcr0 = xcr0();
     c.info(format!(
-        "xcr0 {:#x} (XGETBV at CPL3; bit 1 SSE, 2 AVX, 5-7 AVX-512)",
-        xcr0()
+        "xcr0 {xcr0:#x} (XGETBV at CPL3; bit 1 SSE, 2 AVX, 5-7 AVX-512)"
     ));
     let (tasks, rounds) = match opts {
         Ok(o) => o,
@@ -85,7 +85,7 @@ fn main() {
     };
     c.run("xmm-isolation", || isolation(tasks, rounds, Regs::Xmm));
     let kernel_avx = kernel_manages_avx();
-    match (xcr0() & XCR0_SSE_AVX == XCR0_SSE_AVX, kernel_avx) {
+    match (xcr0 & XCR0_SSE_AVX == XCR0_SSE_AVX, kernel_avx) {
         (false, _) => c.info("AVX state not enabled in XCR0: AVX instructions #UD, nothing to isolate"),
         // The kernel context-switches AVX state: it must stay each task's own.
         (true, Ok(true)) => c.run("ymm-isolation", || isolation(tasks, rounds, Regs::YmmUpper)),
@@ -120,9 +120,14 @@ fn isolation(tasks: u64, rounds: u64, regs: Regs) -> Result<String, String> {
         }
         if pid == 0 {
             let seen = match regs {
-                Regs::Xmm => hold_xmm(pattern(k), rounds),
+                Regs::Xmm => Ok(hold_xmm(pattern(k), rounds)),
                 Regs::YmmUpper => hold_ymm_upper(pattern(k), rounds),
             };
+            let seen = seen.unwrap_or_else(|e| {
+                eprintln!("fpu: task {k}: {e}");
+                // SAFETY: as below.
+                unsafe { libc::_exit(2) }
+            });
             if seen != 0 {
                 eprintln!(
                     "fpu: task {k} pattern {:#018x}: a register held {seen:#018x} ({})",
@@ -146,13 +151,13 @@ fn isolation(tasks: u64, rounds: u64, regs: Regs) -> Result<String, String> {
             failed.push(format!("task {k}: {}", describe_wait_status(status)));
         }
     }
-    let what = match regs {
-        Regs::Xmm => "XMM0-XMM7",
-        Regs::YmmUpper => "the upper half of YMM0",
+    let (what, rounds_of) = match regs {
+        Regs::Xmm => ("XMM0-XMM7", "yields"),
+        Regs::YmmUpper => ("the upper half of YMM0", "page faults and yields"),
     };
     if failed.is_empty() {
         Ok(format!(
-            "{tasks} processes on cpu {cpu}, {rounds} yields and page faults each, {what} intact"
+            "{tasks} processes on cpu {cpu}, {rounds} {rounds_of} each, {what} intact"
         ))
     } else {
         Err(format!(
@@ -233,7 +238,7 @@ fn hold_xmm(pat: u64, rounds: u64) -> u64 {
 /// Fills the upper 128 bits of YMM0 with `pat`, then `rounds` times touches a new page
 /// (a page fault: kernel code that may switch tasks), checks the register and yields.
 /// Returns 0, or the first foreign value.
-fn hold_ymm_upper(pat: u64, rounds: u64) -> u64 {
+fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
     let len = (rounds as usize) * 4096;
     // SAFETY: a private anonymous mapping, unmapped below; the asm writes one byte per page
     // inside it.
@@ -248,7 +253,10 @@ fn hold_ymm_upper(pat: u64, rounds: u64) -> u64 {
         )
     };
     if area == libc::MAP_FAILED {
-        return 1;
+        return Err(format!(
+            "mmap of {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let seen: u64;
     // SAFETY: AVX2 is present (XCR0 enables AVX, and the host CPU this runs on has AVX2);
@@ -290,7 +298,7 @@ fn hold_ymm_upper(pat: u64, rounds: u64) -> u64 {
         );
         libc::munmap(area, len);
     }
-    seen
+    Ok(seen)
 }
 
 #[cfg(test)]
@@ -313,7 +321,7 @@ mod tests {
         assert_eq!(hold_xmm(pattern(0), 3), 0);
         assert_eq!(isolation(2, 2, Regs::Xmm).map(|_| ()), Ok(()));
         if xcr0() & XCR0_SSE_AVX == XCR0_SSE_AVX {
-            assert_eq!(hold_ymm_upper(pattern(1), 3), 0);
+            assert_eq!(hold_ymm_upper(pattern(1), 3), Ok(0));
             assert_eq!(isolation(2, 2, Regs::YmmUpper).map(|_| ()), Ok(()));
         }
     }
