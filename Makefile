@@ -8,7 +8,7 @@ LINUX_DIR  := $(OUT)/linux
 
 # Kernel parameters for the stock Linux guest: console, platform (no ACPI/PCI in this VM)
 # and boot-time settings, explained in guest-images/linux/README.md. ibsvm itself appends
-# what a host whose KVM emulates guest CPL0 needs (noxsave, clearcpuid=...).
+# what a host whose KVM emulates guest CPL0 needs (clearcpuid=...).
 LINUX_CMDLINE ?= $(shell cat guest-images/linux/cmdline)
 CPUS          ?= 1
 # Linux guests on CPL0-emulating hosts: the 250 Hz tick every 40 ms of wall time, not 4 ms

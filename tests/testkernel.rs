@@ -151,6 +151,28 @@ fn stats_count_exits() {
     );
 }
 
+/// XSAVE state switching at CPL0, with its faults. Where KVM emulates CPL0, its emulator
+/// stops at xgetbv, xsave64 and xrstor64 and ibsvm completes them: the counters say so.
+#[test]
+fn xsave_and_xrstor_switch_avx_state_at_cpl0() {
+    let run = boot("test=xsave", &["--stats"]);
+    run.assert_line("xsave: xcr0 0x1 -> 0x7");
+    run.assert_line("xsave: ymm offset 0x240");
+    assert_pass(&run, "xsave");
+    if run.stderr.contains("emulates guest CPL0") {
+        // xsave64 twice (one faults: #PF), xrstor64 four times (two fault: #GP), xgetbv
+        // three times (one faults: #GP for XCR 1).
+        let counts = [
+            "completed.xsave",
+            "completed.xrstor",
+            "completed.xgetbv",
+            "completed.faulted",
+        ]
+        .map(|c| run.stat(c));
+        assert_eq!(counts, [1, 2, 2, 4], "{run}");
+    }
+}
+
 #[test]
 fn quirks_can_be_forced_off_and_the_test_kernel_still_runs() {
     let run = boot("test=smoke", &["--cpl0-quirks", "off"]);

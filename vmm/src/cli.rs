@@ -33,8 +33,9 @@ Options of `run`:
                         a tick period; N=10 gives the guest its CPU back. Guest sleeps
                         last N times longer. Default 1 (off)
   --cpl0-quirks MODE    auto|on|off (default auto): on hosts whose KVM emulates guest
-                        CPL0 code, hide CPUID CX16, complete int3/fwait/fences, route
-                        system calls, and append the parameters a Linux guest needs
+                        CPL0 code, hide CPUID CX16, complete int3/fwait/fences and
+                        xgetbv/xsave/xrstor, route system calls, and append the
+                        parameters a Linux guest needs
   -h, --help            this text
 
 Virtual IBS (AMD Instruction-Based Sampling) options:

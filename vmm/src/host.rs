@@ -7,21 +7,15 @@ use std::path::Path;
 /// Kernel parameters a stock Linux guest needs on a CPL0-emulating host, each with why.
 ///
 /// Measured on such a host (shared/docs/host-kvm.md): `KVM_SET_CPUID2` cannot hide these
-/// leaf 1/7 features from guest CPL0 code, and the emulator cannot execute them.
+/// leaf 1/7/0xD features from guest CPL0 code, and the emulator cannot execute them.
+/// XSAVE and XRSTOR themselves stay: ibsvm completes them (`vcpu::completion::xstate`).
 pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
-    ("noxsave", "xsave/xrstor cannot be emulated"),
     // X86_FEATURE_* numbers (arch/x86/include/asm/cpufeatures.h, word*32+bit): 151 POPCNT,
     // 59 RDTSCP, 288 FSGSBASE, 308 SMAP, 137 SSSE3, 298 INVPCID, 311 CLFLUSHOPT, 312 CLWB,
-    // 534 RDPID.
+    // 534 RDPID; 320-323 XSAVEOPT, XSAVEC, XGETBV1, XSAVES (CPUID Fn0000_000D.1 EAX).
     (
-        "clearcpuid=151,59,288,308,137,298,311,312,534",
-        "popcnt, rdtscp, fsgsbase, smap, ssse3, invpcid, clflushopt, clwb and rdpid cannot be emulated",
-    ),
-    // Passed to init's environment (a KEY=VALUE parameter without a dot). glibc >= 2.34
-    // then treats OSXSAVE, and so AVX/AVX2/AVX-512, as unusable (sysdeps/x86/cpu-features.c).
-    (
-        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE",
-        "with noxsave the kernel saves only x87/SSE state, but guest CPL3 sees the host's CPUID and XCR0: glibc's AVX string functions would share registers between tasks",
+        "clearcpuid=151,59,288,308,137,298,311,312,534,320,321,322,323",
+        "popcnt, rdtscp, fsgsbase, smap, ssse3, invpcid, clflushopt, clwb and rdpid cannot be emulated, and ibsvm completes only the standard xsave/xrstor",
     ),
 ];
 

@@ -488,7 +488,7 @@ impl Vm {
             } else {
                 format!("; appended to the kernel command line: {}", added.join(" "))
             };
-            log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences and routing system calls in ibsvm{params}");
+            log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences/xgetbv/xsave/xrstor and routing system calls in ibsvm{params}");
         }
         let cmdline = match (config.linux_tsc_scale, kernel.is_linux) {
             (scale @ 2.., true) => {
@@ -603,16 +603,15 @@ mod tests {
     #[test]
     fn linux_params_are_appended_once() {
         let (c, added) = guest_cmdline("console=ttyS0", true);
-        assert!(c.starts_with("console=ttyS0 noxsave clearcpuid="));
+        assert!(c.starts_with("console=ttyS0 clearcpuid=151,"));
         assert_eq!(added.len(), CPL0_EMULATION_LINUX_PARAMS.len());
         let (c2, added2) = guest_cmdline(&c, true);
         assert_eq!(c2, c);
         assert!(added2.is_empty());
         // A user's own clearcpuid wins.
         let (c3, added3) = guest_cmdline("clearcpuid=1", true);
-        let tunables = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE";
-        assert_eq!(c3, format!("clearcpuid=1 noxsave {tunables}"));
-        assert_eq!(added3, vec!["noxsave", tunables]);
+        assert_eq!(c3, "clearcpuid=1");
+        assert!(added3.is_empty());
     }
 
     #[test]

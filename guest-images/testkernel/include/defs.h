@@ -76,6 +76,7 @@
 #define CR0_PG              (1 << 31)
 #define CR4_PAE             (1 << 5)
 #define CR4_PCIDE           (1 << 17)
+#define CR4_OSXSAVE         (1 << 18)   /* XSAVE and XCR0 enabled (SDM 2.5) */
 #define CR4_SMEP            (1 << 20)
 #define CR4_SMAP            (1 << 21)
 #define CR4_PKE             (1 << 22)
@@ -164,6 +165,16 @@
 #define IBS_CTL_VALUE       0x100
 
 /* CPUID (ibs-device.md section 2; Linux cpufeatures.h, perf_event.h IBS_CAPS_*) */
+#define CPUID_FEATURES      0x1
+#define CPUID_1_ECX_XSAVE   (1 << 26)   /* SDM vol. 2A CPUID Table 3-10 */
+#define CPUID_1_ECX_OSXSAVE (1 << 27)   /*   mirrors CR4.OSXSAVE */
+#define CPUID_XSTATE        0xD         /* SDM vol. 1 13.2: sub-leaf 0 supported XCR0, i = component i */
+#define XCR0_X87            (1 << 0)    /* XCR0 state components (SDM vol. 1 13.3) */
+#define XCR0_SSE            (1 << 1)
+#define XCR0_AVX            (1 << 2)
+#define XSAVE_XMM0          160         /* XSAVE area: legacy region XMM0 (SDM vol. 1 Table 13-1) */
+#define XSAVE_XSTATE_BV     512         /*   header: XSTATE_BV (SDM vol. 1 13.4.2) */
+#define XSAVE_ALIGN         64          /*   XSAVE/XRSTOR need a 64-byte-aligned area */
 #define CPUID_EXT_MAX       0x80000000
 #define CPUID_EXT_FEATURES  0x80000001
 #define CPUID_IBS_LEAF      0x8000001B
@@ -307,6 +318,7 @@
 #define VEC_DF              8
 #define VEC_GP              13
 #define VEC_PF              14
+#define PF_ERR_W            0x2         /* #PF error code: write access (SDM 4.7) */
 #define VEC_IPI_WAKE        0xF0        /* fixed IPI that wakes an idle AP (smp.S) */
 
 /* rdmsr_safe / wrmsr_safe: %rdx on a fault = FAULT_FLAG | vector */

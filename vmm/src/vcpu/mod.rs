@@ -12,7 +12,9 @@ pub mod timer;
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_HALTED};
+use kvm_bindings::{
+    kvm_msr_entry, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_HALTED,
+};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -22,7 +24,9 @@ use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
-use completion::Completion;
+use completion::xsave_area::Layout;
+use completion::xstate::{self, Transfer, XstateError};
+use completion::{Completion, Effect, Exception};
 use cpu_clock::thread_cpu_time;
 use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
 use halt::VcpuActivity;
@@ -44,8 +48,6 @@ const EMULATION_FLAG_INSN_BYTES: u64 = 1;
 /// userspace (arch/x86/kvm/x86.c, MSR_K7_HWCR).
 const MSR_K7_HWCR: u32 = 0xc001_0015;
 const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
-/// #BP, vector 3.
-const VECTOR_BP: u8 = 3;
 /// RFLAGS bit 9 IF, interrupts enabled (SDM vol. 1 §3.4.3).
 const RFLAGS_IF: u64 = 1 << 9;
 
@@ -65,6 +67,18 @@ pub enum VcpuError {
     /// The guest's state is not what the VMM relies on.
     #[error("vCPU: {0}")]
     Guest(String),
+    /// Completing an instruction failed on ibsvm's side.
+    #[error("vCPU {id}: {insn} at {rip:#x}: {source}")]
+    Completion {
+        /// vCPU index.
+        id: u8,
+        /// Which instruction (its counter name).
+        insn: &'static str,
+        /// Where.
+        rip: u64,
+        /// What failed.
+        source: XstateError,
+    },
     /// Building an MSR list for KVM_SET_MSRS failed.
     #[error("cannot build the boot MSR list")]
     MsrList,
@@ -92,6 +106,8 @@ pub struct Vcpu {
     timer: Option<KickTimer>,
     /// The last [`halt::HaltWatch`] round this vCPU reported in.
     halt_round: u64,
+    /// Where the guest's CPUID places each XSAVE component (for completed XSAVE/XRSTOR).
+    xsave_layout: Layout,
 }
 
 /// What a vCPU thread hands back when the VM ends.
@@ -128,6 +144,7 @@ impl Vcpu {
             kicked: false,
             timer: None,
             halt_round: 0,
+            xsave_layout: Layout::default(),
         }
     }
 
@@ -148,6 +165,7 @@ impl Vcpu {
         self.fd
             .set_cpuid2(cpuid)
             .map_err(self.ioctl_err("KVM_SET_CPUID2"))?;
+        self.xsave_layout = Layout::from_cpuid(cpuid.as_slice());
         let mut lapic = self
             .fd
             .get_lapic()
@@ -544,25 +562,82 @@ impl Vcpu {
 
     /// Completes an instruction the emulator rejected (see [`completion`]).
     fn complete(&mut self, c: Completion) -> Result<(), VcpuError> {
-        let regs = &mut self.fd.sync_regs_mut().regs;
+        let mut regs = self.fd.sync_regs().regs;
+        let effect = match c {
+            Completion::Int3 => Effect::Trap(Exception::BREAKPOINT),
+            Completion::Fwait | Completion::Fence => Effect::Retired,
+            Completion::Xgetbv => {
+                let sregs = self.sregs()?;
+                xstate::xgetbv(&self.fd, &sregs, &mut regs).map_err(self.completion_err(c))?
+            }
+            Completion::Xsave(insn) | Completion::Xrstor(insn) => {
+                let what = match c {
+                    Completion::Xsave(_) => Transfer::Save,
+                    _ => Transfer::Restore,
+                };
+                let sregs = self.sregs()?;
+                xstate::transfer(
+                    &self.fd,
+                    &self.mem,
+                    &self.xsave_layout,
+                    (what, &insn),
+                    &regs,
+                    &sregs,
+                )
+                .map_err(self.completion_err(c))?
+            }
+        };
+        let raise = match effect {
+            Effect::Retired => None,
+            Effect::Trap(e) => Some(e),
+            Effect::Fault(e) => {
+                self.counters.bump("completed.faulted");
+                return self.raise(e);
+            }
+        };
         regs.rip = regs.rip.wrapping_add(u64::from(c.length()));
+        self.fd.sync_regs_mut().regs = regs;
         self.fd.set_sync_dirty_reg(SyncReg::Register);
         self.counters.bump(c.counter());
-        if c == Completion::Int3 {
-            // KVM_SET_VCPU_EVENTS always writes the interrupt and NMI state too: start from
-            // the current state so that only the exception changes.
-            let mut events = self
-                .fd
-                .get_vcpu_events()
-                .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
-            events.exception.injected = 1;
-            events.exception.nr = VECTOR_BP;
-            events.exception.has_error_code = 0;
-            events.flags = 0;
-            self.fd
-                .set_vcpu_events(&events)
-                .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"))?;
+        raise.map_or(Ok(()), |e| self.raise(e))
+    }
+
+    fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        self.fd.get_sregs().map_err(self.ioctl_err("KVM_GET_SREGS"))
+    }
+
+    fn completion_err(&self, c: Completion) -> impl FnOnce(XstateError) -> VcpuError {
+        let (id, insn, rip) = (self.id, c.counter(), self.rip());
+        move |source| VcpuError::Completion {
+            id,
+            insn,
+            rip,
+            source,
         }
-        Ok(())
+    }
+
+    /// Delivers `e` at the next entry, with CR2 for a page fault.
+    fn raise(&mut self, e: Exception) -> Result<(), VcpuError> {
+        if let Some(cr2) = e.cr2 {
+            let mut sregs = self.sregs()?;
+            sregs.cr2 = cr2;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
+        }
+        // KVM_SET_VCPU_EVENTS always writes the interrupt and NMI state too: start from
+        // the current state so that only the exception changes.
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = e.vector;
+        events.exception.has_error_code = u8::from(e.error_code.is_some());
+        events.exception.error_code = e.error_code.unwrap_or(0);
+        events.flags = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"))
     }
 }

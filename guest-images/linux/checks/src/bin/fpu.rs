@@ -1,23 +1,23 @@
 //! `fpu`: does each guest task keep its own vector registers across context switches?
 //!
 //! The pipeline crash of the `userspace` check (a freshly exec'd busybox dying in glibc's
-//! `__ctype_init`) left a TLS block whose 0x28 bytes of `.tdata` held 8 zero bytes and
-//! `"__vdso_clock_getres\0__vdso_getcp"`: another task's vDSO string compare, stored by
-//! this task's AVX `memcpy` of the TLS image after a page fault had switched tasks in
-//! between. The guest kernel runs `noxsave` (XSAVE cannot be emulated at CPL0 on
-//! CPL0-emulating hosts), so it saves only x87/SSE state (FXSAVE); but guest CPL3 code
-//! sees the host's CPUID and XCR0, so glibc picks AVX/AVX-512 string functions whose
-//! registers no one saves (guest-images/linux/README.md, "The pipeline crash").
+//! `__ctype_init`) was another task's AVX registers showing through: on a CPL0-emulating
+//! host guest CPL3 code sees the host's CPUID and runs with the host's XCR0 whatever the
+//! guest kernel set, so glibc uses AVX and AVX-512; a guest kernel that saves less than
+//! that XCR0 (it ran `noxsave`, when XSAVE could not run at CPL0) lets those registers
+//! leak between tasks (guest-images/linux/README.md, "The pipeline crash"). ibsvm now
+//! completes XSAVE/XRSTOR at CPL0, so the kernel switches every component.
 //!
-//! This check shows both halves: a few processes, all on this CPU, each hold their own
-//! pattern in registers and check it in a loop of plain register compares, yielding the
-//! CPU every round, so that the kernel switches tasks again and again.
-//! - `xmm-isolation`: XMM0–XMM7 (FXSAVE state) must stay each task's own.
-//! - `ymm-isolation`: the upper half of YMM0 (AVX state), each round also touching a new
-//!   page (the crash's page fault), checked when XCR0 enables AVX
-//!   and the kernel manages AVX (`avx` in /proc/cpuinfo). When XCR0 enables AVX but the
-//!   kernel does not manage it, user space has no business using it: the result is
-//!   printed as info (`not isolated between tasks: ...` on such hosts), not failed.
+//! - `xstate-coverage`: every state component XCR0 enables at CPL3 (XGETBV) is one the
+//!   kernel saves and restores (`arch_prctl(ARCH_GET_XCOMP_SUPP)`).
+//! - `xmm-isolation`: XMM0–XMM7 stay each task's own. A few processes, all on this CPU,
+//!   hold their own pattern in registers and check it in a loop of plain register
+//!   compares, yielding the CPU every round, so that the kernel switches tasks again and
+//!   again.
+//! - `ymm-isolation` (when XCR0 enables AVX): the upper half of YMM0, each round also
+//!   touching a new page (the crash's page fault).
+//! - `avx512-isolation` (when XCR0 enables the three AVX-512 components): opmask K1, bits
+//!   511:256 of ZMM0 and ZMM16, likewise.
 //!
 //! Options (`KEY=VALUE` arguments): `FPU_TASKS` (processes, default 3), `FPU_ROUNDS`
 //! (page faults and yields per process, default 300).
@@ -26,8 +26,17 @@ use ibsvm_guest_checks::cpu::pin_to_current_cpu;
 use ibsvm_guest_checks::options::Options;
 use ibsvm_guest_checks::{describe_wait_status, Check};
 
-/// XCR0 bits 1 (SSE) and 2 (AVX, the upper halves of YMM0-15): SDM vol. 1 §13.3.
+/// XCR0 bits 1 (SSE) and 2 (AVX, the upper halves of YMM0-15); 5 (opmask K0-K7), 6
+/// (ZMM_Hi256: bits 511:256 of ZMM0-15) and 7 (Hi16_ZMM: ZMM16-31): SDM vol. 1 §13.3.
 const XCR0_SSE_AVX: u64 = 0b110;
+const XCR0_AVX512: u64 = 0b1110_0000;
+/// The components user space can use (x87 to PKRU, bit 9; AMX, 17-18), the ones
+/// `ARCH_GET_XCOMP_SUPP` speaks about (arch/x86/include/asm/fpu/xstate.h,
+/// XFEATURE_MASK_USER_SUPPORTED).
+const XCR0_USER: u64 = 0x6_02ff;
+/// arch_prctl code: the XSAVE components the kernel supports for user space, since Linux
+/// 5.16 (arch/x86/include/uapi/asm/prctl.h).
+const ARCH_GET_XCOMP_SUPP: libc::c_int = 0x1021;
 
 /// XCR0 as this task sees it.
 fn xcr0() -> u64 {
@@ -40,16 +49,37 @@ fn xcr0() -> u64 {
     u64::from(hi) << 32 | u64::from(lo)
 }
 
-/// Whether the kernel saves and restores AVX state: it lists `avx` in /proc/cpuinfo only
-/// then (arch/x86/kernel/fpu/xstate.c clears the XSAVE-dependent features without XSAVE).
-fn kernel_manages_avx() -> Result<bool, String> {
-    let cpuinfo =
-        std::fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("/proc/cpuinfo: {e}"))?;
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .ok_or("/proc/cpuinfo has no flags line")?;
-    Ok(flags.split_whitespace().any(|f| f == "avx"))
+/// The components the kernel saves and restores for user space.
+fn kernel_xfeatures() -> Result<u64, String> {
+    let mut features = 0u64;
+    // SAFETY: ARCH_GET_XCOMP_SUPP writes one u64 through the pointer, which is valid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_GET_XCOMP_SUPP,
+            &mut features as *mut u64,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "arch_prctl(ARCH_GET_XCOMP_SUPP): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(features)
+}
+
+/// `xstate-coverage`: what XCR0 lets user space use, the kernel must switch.
+fn coverage(xcr0: u64) -> Result<String, String> {
+    let saved = kernel_xfeatures()?;
+    match xcr0 & XCR0_USER & !saved {
+        0 => Ok(format!(
+            "XCR0 {xcr0:#x} at CPL3, the kernel switches {saved:#x}: every usable component"
+        )),
+        unsaved => Err(format!(
+            "XCR0 {xcr0:#x} at CPL3 enables components {unsaved:#x} that the kernel ({saved:#x}) never saves: their registers are shared between tasks"
+        )),
+    }
 }
 
 /// Which registers a task holds its pattern in.
@@ -57,8 +87,10 @@ fn kernel_manages_avx() -> Result<bool, String> {
 enum Regs {
     /// XMM0-XMM7 (saved by FXSAVE).
     Xmm,
-    /// The upper 128 bits of YMM0 (AVX state: XSAVE only).
+    /// The upper 128 bits of YMM0 (AVX state).
     YmmUpper,
+    /// K1, ZMM0[511:256] and ZMM16 (the three AVX-512 components).
+    Avx512,
 }
 
 /// Register checks between two yields (a few ms of native CPL3 time).
@@ -83,22 +115,17 @@ fn main() {
             c.finish();
         }
     };
+    c.run("xstate-coverage", || coverage(xcr0));
     c.run("xmm-isolation", || isolation(tasks, rounds, Regs::Xmm));
-    let kernel_avx = kernel_manages_avx();
-    match (xcr0 & XCR0_SSE_AVX == XCR0_SSE_AVX, kernel_avx) {
-        (false, _) => c.info("AVX state not enabled in XCR0: AVX instructions #UD, nothing to isolate"),
-        // The kernel context-switches AVX state: it must stay each task's own.
-        (true, Ok(true)) => c.run("ymm-isolation", || isolation(tasks, rounds, Regs::YmmUpper)),
-        // AVX works at CPL3 only because the host's XCR0 shows through; the kernel
-        // (noxsave) never saves it, so user space must not use it. Measured, not failed.
-        (true, Ok(false)) => c.info(format!(
-            "AVX usable at CPL3 but the kernel does not manage its state (no avx in /proc/cpuinfo): {}",
-            match isolation(tasks, rounds, Regs::YmmUpper) {
-                Ok(_) => "its registers stayed each task's own this time".to_string(),
-                Err(e) => format!("not isolated between tasks: {e}"),
-            }
-        )),
-        (true, Err(e)) => c.run("ymm-isolation", || Err(e)),
+    if xcr0 & XCR0_SSE_AVX == XCR0_SSE_AVX {
+        c.run("ymm-isolation", || isolation(tasks, rounds, Regs::YmmUpper));
+    } else {
+        c.info("AVX state not enabled in XCR0: AVX instructions #UD, nothing to isolate");
+    }
+    if xcr0 & XCR0_AVX512 == XCR0_AVX512 {
+        c.run("avx512-isolation", || {
+            isolation(tasks, rounds, Regs::Avx512)
+        });
     }
     c.finish();
 }
@@ -122,6 +149,9 @@ fn isolation(tasks: u64, rounds: u64, regs: Regs) -> Result<String, String> {
             let seen = match regs {
                 Regs::Xmm => Ok(hold_xmm(pattern(k), rounds)),
                 Regs::YmmUpper => hold_ymm_upper(pattern(k), rounds),
+                // SAFETY: main runs this only when XCR0 enables the AVX-512 components,
+                // which the CPU then has.
+                Regs::Avx512 => unsafe { hold_avx512(pattern(k), rounds) },
             };
             let seen = seen.unwrap_or_else(|e| {
                 eprintln!("fpu: task {k}: {e}");
@@ -154,6 +184,7 @@ fn isolation(tasks: u64, rounds: u64, regs: Regs) -> Result<String, String> {
     let (what, rounds_of) = match regs {
         Regs::Xmm => ("XMM0-XMM7", "yields"),
         Regs::YmmUpper => ("the upper half of YMM0", "page faults and yields"),
+        Regs::Avx512 => ("K1, ZMM0[511:256] and ZMM16", "page faults and yields"),
     };
     if failed.is_empty() {
         Ok(format!(
@@ -235,32 +266,52 @@ fn hold_xmm(pat: u64, rounds: u64) -> u64 {
     seen
 }
 
-/// Fills the upper 128 bits of YMM0 with `pat`, then `rounds` times touches a new page
-/// (a page fault: kernel code that may switch tasks), checks the register and yields.
-/// Returns 0, or the first foreign value.
-fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
-    let len = (rounds as usize) * 4096;
-    // SAFETY: a private anonymous mapping, unmapped below; the asm writes one byte per page
-    // inside it.
-    let area = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if area == libc::MAP_FAILED {
-        return Err(format!(
-            "mmap of {len} bytes: {}",
-            std::io::Error::last_os_error()
-        ));
+/// Fresh anonymous pages: touching each one is a page fault, kernel code that may switch
+/// tasks.
+struct FreshPages {
+    start: *mut libc::c_void,
+    len: usize,
+}
+
+impl FreshPages {
+    fn new(count: u64) -> Result<Self, String> {
+        let len = (count as usize) * 4096;
+        // SAFETY: a private anonymous mapping, unmapped by Drop.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if start == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of {len} bytes: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Self { start, len })
     }
+}
+
+impl Drop for FreshPages {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made.
+        unsafe { libc::munmap(self.start, self.len) };
+    }
+}
+
+/// Fills the upper 128 bits of YMM0 with `pat`, then `rounds` times touches a new page,
+/// checks the register and yields. Returns 0, or the first foreign value.
+fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
+    let pages = FreshPages::new(rounds)?;
     let seen: u64;
     // SAFETY: AVX2 is present (XCR0 enables AVX, and the host CPU this runs on has AVX2);
-    // the asm touches YMM0/XMM1, the declared GPRs, and one byte per page of `area`.
+    // the asm touches YMM0/XMM1, the declared GPRs, and one byte in each of the `rounds`
+    // pages; sched_yield (24, arch/x86/entry/syscalls/syscall_64.tbl) has no arguments.
     unsafe {
         std::arch::asm!(
             "vmovq xmm1, {pat}",
@@ -284,7 +335,7 @@ fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
             "5:",
             "vzeroupper",
             pat = in(reg) pat,
-            p = inout(reg) area => _,
+            p = inout(reg) pages.start => _,
             per_round = in(reg) CHECKS_PER_ROUND / 8,
             rounds = inout(reg) rounds => _,
             n = out(reg) _,
@@ -296,7 +347,70 @@ fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
             out("xmm1") _,
             options(nostack),
         );
-        libc::munmap(area, len);
+    }
+    Ok(seen)
+}
+
+/// Fills K1 (with the low 16 bits of `pat`), ZMM0 and ZMM16 with `pat`, then `rounds`
+/// times touches a new page, checks K1, ZMM0[319:256] and ZMM16[63:0] and yields.
+/// Returns 0, or the first foreign value.
+///
+/// # Safety
+/// The CPU must have AVX-512F and XCR0 enable its three components.
+#[target_feature(enable = "avx512f")]
+unsafe fn hold_avx512(pat: u64, rounds: u64) -> Result<u64, String> {
+    let pages = FreshPages::new(rounds)?;
+    let seen: u64;
+    // SAFETY: AVX-512F is usable (the caller's contract); KMOVW, VPBROADCASTQ zmm,
+    // VEXTRACTI64X4 and VMOVQ with XMM16 are AVX-512F. The asm touches K1, ZMM0, ZMM1,
+    // ZMM16, the declared GPRs and one byte in each of the `rounds` pages; sched_yield as
+    // in hold_ymm_upper.
+    unsafe {
+        std::arch::asm!(
+            "vmovq xmm1, {pat}",
+            "vpbroadcastq zmm0, xmm1",
+            "vpbroadcastq zmm16, xmm1",
+            "kmovw k1, {pat:e}",
+            "2:",
+            "mov byte ptr [{p}], 1",
+            "add {p}, 4096",
+            "mov {n}, {per_round}",
+            "3:",
+            "kmovw {v:e}, k1",
+            "cmp {v:e}, {pat16:e}",
+            "jne 5f",
+            "vextracti64x4 ymm1, zmm0, 1",
+            "vmovq {v}, xmm1",
+            "cmp {v}, {pat}",
+            "jne 5f",
+            "vmovq {v}, xmm16",
+            "cmp {v}, {pat}",
+            "jne 5f",
+            "dec {n}",
+            "jnz 3b",
+            "mov eax, 24",
+            "syscall",
+            "dec {rounds}",
+            "jnz 2b",
+            "xor {v:e}, {v:e}",
+            "5:",
+            "vzeroupper",
+            pat = in(reg) pat,
+            pat16 = in(reg) pat & 0xffff,
+            p = inout(reg) pages.start => _,
+            per_round = in(reg) CHECKS_PER_ROUND / 8,
+            rounds = inout(reg) rounds => _,
+            n = out(reg) _,
+            v = out(reg) seen,
+            out("rax") _,
+            out("rcx") _,
+            out("r11") _,
+            out("zmm0") _,
+            out("zmm1") _,
+            out("zmm16") _,
+            out("k1") _,
+            options(nostack),
+        );
     }
     Ok(seen)
 }
@@ -324,5 +438,12 @@ mod tests {
             assert_eq!(hold_ymm_upper(pattern(1), 3), Ok(0));
             assert_eq!(isolation(2, 2, Regs::YmmUpper).map(|_| ()), Ok(()));
         }
+        if xcr0() & XCR0_AVX512 == XCR0_AVX512 {
+            // SAFETY: XCR0 enables the AVX-512 components, so the CPU has AVX-512F.
+            assert_eq!(unsafe { hold_avx512(pattern(2), 3) }, Ok(0));
+            assert_eq!(isolation(2, 2, Regs::Avx512).map(|_| ()), Ok(()));
+        }
+        // This host's kernel switches what its XCR0 enables.
+        assert!(coverage(xcr0()).is_ok());
     }
 }
