@@ -6,8 +6,10 @@ use std::path::Path;
 
 /// Kernel parameters a stock Linux guest needs on a CPL0-emulating host, each with why.
 ///
-/// Measured on such a host (shared/docs/host-kvm.md): `KVM_SET_CPUID2` cannot hide these
-/// leaf 1/7/0xD features from guest CPL0 code, and the emulator cannot execute them.
+/// Measured on such a host (shared/docs/host-kvm.md): `KVM_SET_CPUID2` cannot hide the
+/// leaf 1/7 features from guest CPL0 code, and the emulator cannot execute them. The
+/// leaf 0xD.1 ones are hidden the same way (whether the table would hide them was not
+/// measured), since ibsvm completes only the standard forms.
 /// XSAVE and XRSTOR themselves stay: ibsvm completes them (`vcpu::completion::xstate`).
 pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
     // X86_FEATURE_* numbers (arch/x86/include/asm/cpufeatures.h, word*32+bit): 151 POPCNT,

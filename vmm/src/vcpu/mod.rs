@@ -13,7 +13,8 @@ pub mod timer;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_HALTED,
+    kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_HALTED,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
@@ -24,6 +25,7 @@ use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
+use completion::operand::Decoded;
 use completion::xsave_area::Layout;
 use completion::xstate::{self, Transfer, XstateError};
 use completion::{Completion, Effect, Exception};
@@ -570,22 +572,8 @@ impl Vcpu {
                 let sregs = self.sregs()?;
                 xstate::xgetbv(&self.fd, &sregs, &mut regs).map_err(self.completion_err(c))?
             }
-            Completion::Xsave(insn) | Completion::Xrstor(insn) => {
-                let what = match c {
-                    Completion::Xsave(_) => Transfer::Save,
-                    _ => Transfer::Restore,
-                };
-                let sregs = self.sregs()?;
-                xstate::transfer(
-                    &self.fd,
-                    &self.mem,
-                    &self.xsave_layout,
-                    (what, &insn),
-                    &regs,
-                    &sregs,
-                )
-                .map_err(self.completion_err(c))?
-            }
+            Completion::Xsave(insn) => self.transfer(c, (Transfer::Save, &insn), &regs)?,
+            Completion::Xrstor(insn) => self.transfer(c, (Transfer::Restore, &insn), &regs)?,
         };
         let raise = match effect {
             Effect::Retired => None,
@@ -600,6 +588,18 @@ impl Vcpu {
         self.fd.set_sync_dirty_reg(SyncReg::Register);
         self.counters.bump(c.counter());
         raise.map_or(Ok(()), |e| self.raise(e))
+    }
+
+    /// XSAVE or XRSTOR `insn` (the completion `c`) for the registers `regs`.
+    fn transfer(
+        &self,
+        c: Completion,
+        insn: (Transfer, &Decoded),
+        regs: &kvm_regs,
+    ) -> Result<Effect, VcpuError> {
+        let sregs = self.sregs()?;
+        xstate::transfer(&self.fd, &self.mem, &self.xsave_layout, insn, regs, &sregs)
+            .map_err(self.completion_err(c))
     }
 
     fn sregs(&self) -> Result<kvm_sregs, VcpuError> {

@@ -156,33 +156,30 @@ pub fn transfer(
         write_protect: sregs.cr0 & CR0_WP != 0,
         smap: !user && sregs.cr4 & CR4_SMAP != 0 && regs.rflags & RFLAGS_AC == 0,
     };
-    // Every page of the area, translated before any byte moves: (gpa, bytes).
+    // Every page of the area, translated before any byte moves: (gpa, its bytes of the area).
     let mut pieces = Vec::with_capacity(2);
     let mut at = linear;
     while at < linear + len {
         let n = (PAGE - at % PAGE).min(linear + len - at);
+        let bytes = (at - linear) as usize..(at - linear + n) as usize;
         match translate_access(mem, at, access) {
-            Ok(gpa) => pieces.push((gpa, n as usize)),
+            Ok(gpa) => pieces.push((gpa, bytes)),
             Err(code) => return fault(Exception::page_fault(at, code)),
         }
         at += n;
     }
     let mut area = vec![0u8; len as usize];
-    let mut filled = 0;
-    for &(gpa, n) in &pieces {
-        mem.read_slice(&mut area[filled..filled + n], GuestAddress(gpa))
-            .map_err(|_| XstateError::NotRam { linear, gpa })?;
-        filled += n;
+    for (gpa, bytes) in &pieces {
+        mem.read_slice(&mut area[bytes.clone()], GuestAddress(*gpa))
+            .map_err(|_| XstateError::NotRam { linear, gpa: *gpa })?;
     }
     let mut state = state_bytes(&fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?);
     match what {
         Transfer::Save => {
             xsave_area::xsave(&state, &mut area, rfbm, layout);
-            let mut done = 0;
-            for &(gpa, n) in &pieces {
-                mem.write_slice(&area[done..done + n], GuestAddress(gpa))
-                    .map_err(|_| XstateError::NotRam { linear, gpa })?;
-                done += n;
+            for (gpa, bytes) in &pieces {
+                mem.write_slice(&area[bytes.clone()], GuestAddress(*gpa))
+                    .map_err(|_| XstateError::NotRam { linear, gpa: *gpa })?;
             }
         }
         Transfer::Restore => {
