@@ -60,6 +60,42 @@ pub fn require_kvm() {
     }
 }
 
+/// The kind of KVM host the tests run on, for the few results that depend on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// KVM runs guest CPL0 code in its instruction emulator (see `ibsvm::host`).
+    EmulatesCpl0,
+    /// Hardware virtualization on AMD (SVM).
+    Svm,
+    /// Hardware virtualization on Intel (VMX).
+    Vmx,
+}
+
+impl HostKind {
+    /// This host, as ibsvm itself decides it (and the CPU flags for SVM or VMX).
+    pub fn detect() -> Self {
+        if ibsvm::host::HostKvm::detect().emulates_cpl0 {
+            return Self::EmulatesCpl0;
+        }
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let svm = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "svm"));
+        if svm {
+            Self::Svm
+        } else {
+            Self::Vmx
+        }
+    }
+
+    /// KVM INITs the vCPU before it reports a triple fault (AMD SVM), so ibsvm cannot tell
+    /// a deliberate one (empty IDT) from a crash.
+    pub fn resets_vcpu_at_shutdown(self) -> bool {
+        self == Self::Svm
+    }
+}
+
 /// What one `ibsvm` run produced.
 #[derive(Debug)]
 pub struct Run {

@@ -17,6 +17,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub enum CrashKind {
     /// KVM_EXIT_SHUTDOWN with a valid IDT: a triple fault nobody asked for.
     TripleFault,
+    /// KVM_EXIT_SHUTDOWN after KVM reset the vCPU (AMD SVM): deliberate or not is unknown.
+    TripleFaultStateLost,
     /// The instruction emulator failed on an instruction ibsvm cannot complete.
     EmulationFailure {
         /// The instruction bytes (empty if unknown).
@@ -40,6 +42,12 @@ impl fmt::Display for CrashKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TripleFault => write!(f, "triple fault"),
+            Self::TripleFaultStateLost => write!(
+                f,
+                "triple fault (this host's KVM resets the vCPU at a shutdown, as on AMD SVM: \
+                 the RIP and code below are the reset state, and whether the IDT was empty \
+                 (a deliberate reset) is unknown)"
+            ),
             Self::EmulationFailure { insn } if insn.is_empty() => {
                 write!(
                     f,

@@ -361,8 +361,13 @@ FUNC race_op_start
     mov $MSR_IBS_OP_CTL, %ecx
     mov race_op+U_REARM(%rip), %rax
     RACE_WRMSR
+    // An NMI from here to race_op_enable_noted comes after the enable write:
+    // a sample of the unit's own period that latched at once (on a normal
+    // host the timer may expire during the WRMSR's own exit), not a stale Val.
+race_op_enable_retired:
     movb $0, race_in_window(%rip)
     movq $1, race_op+U_ENABLED(%rip)
+race_op_enable_noted:
     RACE_POINT 3
     ret
 ENDFUNC race_op_start
@@ -436,6 +441,8 @@ ENDFUNC race_op_stop
 FUNC race_nmi
     push %rbx
     incq race_nmis(%rip)
+    mov FR_RIP(%rdi), %rax
+    mov %rax, race_nmi_rip(%rip)
     lea race_fetch(%rip), %rdi
     call race_handle_unit
     mov %eax, %ebx
@@ -472,7 +479,15 @@ FUNC race_handle_unit
     incq U_SAMPLES(%rsi)
     cmpq $0, U_ENABLED(%rsi)
     jne 1f
-    incq race_accidental(%rip)      // enabling what start has not enabled yet
+    // Start's enable write retired, U_ENABLED not yet set: a legitimate sample.
+    mov race_nmi_rip(%rip), %rax
+    lea race_op_enable_retired(%rip), %rdx
+    cmp %rdx, %rax
+    jb 2f
+    lea race_op_enable_noted(%rip), %rdx
+    cmp %rdx, %rax
+    jb 1f
+2:  incq race_accidental(%rip)      // enabling what start has not enabled yet
 1:  mov U_MSR(%rsi), %ecx
     mov U_REARM(%rsi), %rax
     RACE_WRMSR
@@ -509,6 +524,7 @@ race_rng:           .quad 0
 race_nmis:          .quad 0
 race_unknown_nmis:  .quad 0
 race_accidental:    .quad 0
+race_nmi_rip:       .quad 0         // where the NMI being handled interrupted
 race_window_rounds: .quad 0
 race_stop_val:      .quad 0
 race_interfered:    .quad 0

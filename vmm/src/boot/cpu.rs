@@ -149,6 +149,13 @@ pub fn reset_fpu() -> kvm_fpu {
     }
 }
 
+/// Whether `sregs` and `rip` are the state after RESET or INIT (SDM vol. 3A §9.1.4,
+/// Table 9-1: CS selector 0xF000, base 0xFFFF0000, RIP 0xFFF0), the state KVM leaves an
+/// AMD vCPU in after a shutdown.
+pub fn is_reset_state(sregs: &kvm_sregs, rip: u64) -> bool {
+    sregs.cs.selector == 0xf000 && sregs.cs.base == 0xffff_0000 && rip == 0xfff0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

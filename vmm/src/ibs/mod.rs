@@ -1,6 +1,7 @@
 //! The virtual IBS PMU in ibsvm: choosing a sample source, and the per-vCPU glue between
 //! KVM exits and the `vpmu` device (MSRs, sample points, NMI injection, statistics).
 
+pub mod guest_clock;
 pub mod source;
 pub mod test_port;
 pub mod vcpu;

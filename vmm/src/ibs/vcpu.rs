@@ -7,6 +7,7 @@ use vpmu::{
     SyntheticError, SyntheticSource, Vpmu, VpmuConfig,
 };
 
+use super::guest_clock::{GuestClock, RunEnd};
 use super::source::IbsSource;
 use super::test_port::{self, Command};
 use super::{IbsBackend, IbsSettings};
@@ -33,9 +34,8 @@ pub struct ExitState {
 /// The IBS state of one vCPU.
 pub struct VcpuIbs {
     dev: Vpmu<IbsSource>,
-    /// CPU time (ns) this vCPU thread spent inside KVM_RUN, emulated kernel time weighted
-    /// (see [`VcpuIbs::account_run`]): the synthetic source's clock.
-    guest_ns: u64,
+    /// The guest's own execution time: the synthetic source's clock.
+    clock: GuestClock,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
     nmi_in_service: bool,
     /// The device's interrupt waits for the guest to leave its NMI handler.
@@ -44,10 +44,8 @@ pub struct VcpuIbs {
     races_seen: u64,
     nmis_injected: u64,
     fixed_injected: u64,
-    /// See [`VcpuIbs::account_run`]; 1 where KVM runs CPL0 code natively.
-    cpl0_time_divisor: u64,
     /// How many wall nanoseconds the kick timer allows per guest nanosecond still due when
-    /// the vCPU enters at CPL0 (see [`VcpuIbs::deadline_in`]): 1 to `cpl0_time_divisor`,
+    /// the vCPU enters at CPL0 (see [`VcpuIbs::deadline_in`]): 1 to the clock's CPL0 divisor,
     /// and the source deadline it was worked out for.
     cpl0_timer_stretch: u64,
     stretch_deadline: Option<u64>,
@@ -67,9 +65,9 @@ pub const RACES_LOGGED: u64 = 5;
 /// an NMI handler's tail on a CPL0-emulating host.
 const DEFERRED_IRQ_RETRY_NS: u64 = 20_000;
 
-/// How much slower this host's KVM runs emulated CPL0 code than native code, roughly
-/// (shared/docs/host-kvm.md: ~1.8 M emulated instructions/s against native ~0.2 ns per
-/// loop iteration): the divisor [`VcpuIbs::account_run`] applies there.
+/// How much slower a CPL0-emulating host's KVM runs emulated CPL0 code than native code,
+/// roughly (measured on one: ~1.8 M emulated instructions/s against native ~0.2 ns per
+/// loop iteration): the divisor [`GuestClock::account`] applies there.
 pub const CPL0_EMULATION_SLOWDOWN: u64 = 1000;
 
 impl VcpuIbs {
@@ -111,17 +109,16 @@ impl VcpuIbs {
         dev.source_mut().connect(sink);
         Ok(Self {
             dev,
-            guest_ns: 0,
+            clock: GuestClock::new(if emulated_cpl0 {
+                CPL0_EMULATION_SLOWDOWN
+            } else {
+                1
+            }),
             nmi_in_service: false,
             irq_deferred: false,
             races_seen: 0,
             nmis_injected: 0,
             fixed_injected: 0,
-            cpl0_time_divisor: if emulated_cpl0 {
-                CPL0_EMULATION_SLOWDOWN
-            } else {
-                1
-            },
             cpl0_timer_stretch: 1,
             stretch_deadline: None,
             test_command: None,
@@ -135,9 +132,9 @@ impl VcpuIbs {
     /// an interrupt was deferred.
     ///
     /// The deadline is in guest nanoseconds, which a run entered at CPL0 accrues at only
-    /// `1/cpl0_time_divisor` of its time (see [`VcpuIbs::account_run`]). Arming the timer for
+    /// `1/divisor` of its time (see [`GuestClock::account`]). Arming the timer for
     /// that run at the guest time still due would kick a vCPU that stays in emulated kernel
-    /// code about `cpl0_time_divisor` times per period; arming it at `divisor` times that
+    /// code about `divisor` times per period; arming it at `divisor` times that
     /// would sample a user loop the kernel returns to (an NMI handler's IRET, no exit in
     /// between) that much too late. So the wall time allowed per guest nanosecond starts at
     /// 1 for each new deadline and doubles at each kick that finds the vCPU still in the
@@ -152,26 +149,26 @@ impl VcpuIbs {
         };
         self.dev
             .next_deadline()
-            .map(|d| d.saturating_sub(self.guest_ns).saturating_mul(stretch))
+            .map(|d| d.saturating_sub(self.clock.now()).saturating_mul(stretch))
             .into_iter()
             .chain(retry)
             .min()
     }
 
-    /// Adds one KVM_RUN of `ns` nanoseconds to the guest clock; `native` says whether the
-    /// vCPU was at CPL3 when it entered and when it left.
+    /// Adds one KVM_RUN of `ns` CPU nanoseconds to the guest clock; `kicked` says whether
+    /// it ended with a kick, `native` whether the vCPU was at CPL3 when it entered and when
+    /// it left (see [`GuestClock::account`]).
     ///
-    /// The synthetic source turns guest time into counted ops. Where KVM emulates CPL0 code
-    /// (~0.5 µs an instruction instead of a fraction of a nanosecond), time spent in the
-    /// kernel would otherwise buy thousands of times its share of samples, and a period the
-    /// guest's NMI handler re-arms would expire inside that handler; such runs count
-    /// `1/cpl0_time_divisor` of their time.
-    pub fn account_run(&mut self, ns: u64, native: bool) {
-        self.guest_ns += if native {
-            ns
+    /// A kick that retried a deferred interrupt is aimed at the guest's NMI handler, not
+    /// at wherever the guest happened to be: its run counts like one the guest's own
+    /// instruction ended.
+    pub fn account_run(&mut self, ns: u64, kicked: bool, native: bool) {
+        let end = if kicked && !self.irq_deferred {
+            RunEnd::Kick
         } else {
-            ns / self.cpl0_time_divisor
+            RunEnd::GuestExit
         };
+        self.clock.account(ns, end, native);
     }
 
     /// After an exit: note an NMI return, take a sample if one is due, and return the
@@ -197,11 +194,12 @@ impl VcpuIbs {
             user_mode,
         } = exit;
         let deadline = self.dev.next_deadline();
-        let reached = deadline.is_some_and(|d| self.guest_ns >= d);
+        let now = self.clock.now();
+        let reached = deadline.is_some_and(|d| now >= d);
         self.cpl0_timer_stretch = if user_mode || deadline != self.stretch_deadline {
             1
         } else if kicked && !reached {
-            (self.cpl0_timer_stretch * 2).min(self.cpl0_time_divisor)
+            (self.cpl0_timer_stretch * 2).min(self.clock.cpl0_divisor())
         } else {
             self.cpl0_timer_stretch
         };
@@ -214,11 +212,8 @@ impl VcpuIbs {
             self.run_test_command(command, rip);
         }
         // Again: a test-port command may have re-armed a unit.
-        if kicked && self.dev.next_deadline().is_some_and(|d| self.guest_ns >= d) {
-            self.dev.sample_point(SamplePoint {
-                rip,
-                guest_ns: self.guest_ns,
-            });
+        if kicked && self.dev.next_deadline().is_some_and(|d| now >= d) {
+            self.dev.sample_point(SamplePoint { rip, guest_ns: now });
         }
         // Samples a host source's reader delivered (it kicked this vCPU to get here).
         self.dev.poll_inbox();
@@ -236,7 +231,7 @@ impl VcpuIbs {
     fn run_test_command(&mut self, command: Command, rip: u64) {
         let at = SamplePoint {
             rip,
-            guest_ns: self.guest_ns,
+            guest_ns: self.clock.now(),
         };
         match self.dev.force_sample(command.unit(), at, command.irq()) {
             Ok(()) => self.test_commands[command as usize] += 1,
@@ -331,7 +326,7 @@ impl VcpuDevices for VcpuIbs {
             return None;
         }
         // A period this write starts runs from now; a host source's kicks come here.
-        self.dev.set_guest_time(self.guest_ns);
+        self.dev.set_guest_time(self.clock.now());
         self.dev.source().on_vcpu_thread();
         // In-NMI evidence for race detection is the device's own NMI still in service.
         Some(
@@ -407,7 +402,7 @@ mod tests {
             None,
             "no time has passed"
         );
-        ibs.account_run(10_000_000, true);
+        ibs.account_run(10_000_000, true, true);
         assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
         assert_eq!(
@@ -436,7 +431,7 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true);
+        ibs.account_run(10_000_000, true, true);
         // The sample latches at an exit inside some NMI handler: not injected there.
         assert_eq!(ibs.after_exit(kick(0x10, true)), None);
         assert_eq!(
@@ -452,7 +447,7 @@ mod tests {
         // nothing is injected for it afterwards.
         ibs.after_exit(kick(0x20, true));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true);
+        ibs.account_run(10_000_000, true, true);
         assert_eq!(ibs.after_exit(kick(0x30, true)), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
@@ -471,7 +466,7 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true);
+        ibs.account_run(10_000_000, true, true);
         // Due, but this exit is the guest's own (say a page fault at 0x50): no sample there.
         let own = ExitState {
             rip: 0x50,
@@ -490,14 +485,14 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // 50 ms of guest time pass before the guest enables a 65 536-op (65.5 µs) period.
-        ibs.account_run(50_000_000, true);
+        ibs.account_run(50_000_000, true, true);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
             ibs.after_exit(kick(0x1234, false)),
             None,
             "no sample at the enabling write"
         );
-        ibs.account_run(65_536, true);
+        ibs.account_run(65_536, true, true);
         assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
     }
@@ -508,9 +503,9 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
-        ibs.account_run(3_000_000, false);
+        ibs.account_run(3_000_000, true, false);
         assert_eq!(ibs.after_exit(kick(0xffff_ffff_8100_0000, false)), None);
-        ibs.account_run(65_536, true);
+        ibs.account_run(65_536, true, true);
         assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(
             ibs.rdmsr(0xc001_1034),
@@ -541,7 +536,7 @@ mod tests {
         let mut kicks = 0;
         loop {
             let wall = ibs.deadline_in(false).unwrap();
-            ibs.account_run(wall, false);
+            ibs.account_run(wall, true, false);
             kicks += 1;
             if ibs.after_exit(kernel_kick(0xffff_ffff_8100_0000)).is_some() {
                 break;

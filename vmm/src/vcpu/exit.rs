@@ -59,10 +59,13 @@ pub enum Exit<'a> {
         /// Set to 1 to inject #GP.
         error: &'a mut u8,
     },
-    /// Triple fault (KVM_EXIT_SHUTDOWN); `idt_limit` is the guest IDTR limit at the time.
+    /// Triple fault (KVM_EXIT_SHUTDOWN); `idt_limit` is the guest IDTR limit at the time,
+    /// `None` where KVM reset the vCPU before reporting it (AMD SVM: the VMCB is undefined
+    /// after a shutdown intercept, so `shutdown_interception` in arch/x86/kvm/svm/svm.c
+    /// INITs the vCPU), so the faulting state is lost.
     Shutdown {
         /// IDTR limit.
-        idt_limit: u16,
+        idt_limit: Option<u16>,
     },
     /// KVM_EXIT_SYSTEM_EVENT.
     SystemEvent(u32),
@@ -237,10 +240,13 @@ pub fn dispatch(
         }
         // A triple fault with an empty IDT is how Linux (reboot=t) and boot loaders reset on
         // purpose; with a usable IDT it is a crash.
-        Exit::Shutdown { idt_limit: 0 } => {
+        Exit::Shutdown { idt_limit: Some(0) } => {
             Outcome::Stop(GuestStop::Reset("triple fault with an empty IDT"))
         }
-        Exit::Shutdown { .. } => crash(CrashKind::TripleFault),
+        Exit::Shutdown { idt_limit: Some(_) } => crash(CrashKind::TripleFault),
+        // Deliberate or not cannot be told: a crash, so that a failure is never reported
+        // as success.
+        Exit::Shutdown { idt_limit: None } => crash(CrashKind::TripleFaultStateLost),
         Exit::SystemEvent(SYSTEM_EVENT_SHUTDOWN) => Outcome::Stop(GuestStop::PowerOff),
         Exit::SystemEvent(SYSTEM_EVENT_RESET) => {
             Outcome::Stop(GuestStop::Reset("KVM system event"))
@@ -478,13 +484,25 @@ mod tests {
     #[test]
     fn triple_faults_are_resets_only_with_an_empty_idt() {
         assert_eq!(
-            run(Exit::Shutdown { idt_limit: 0 }, NORMAL),
+            run(Exit::Shutdown { idt_limit: Some(0) }, NORMAL),
             Outcome::Stop(GuestStop::Reset("triple fault with an empty IDT"))
         );
         assert!(matches!(
-            run(Exit::Shutdown { idt_limit: 0xfff }, NORMAL),
+            run(
+                Exit::Shutdown {
+                    idt_limit: Some(0xfff)
+                },
+                NORMAL
+            ),
             Outcome::Stop(GuestStop::Crash {
                 kind: CrashKind::TripleFault,
+                ..
+            })
+        ));
+        assert!(matches!(
+            run(Exit::Shutdown { idt_limit: None }, NORMAL),
+            Outcome::Stop(GuestStop::Crash {
+                kind: CrashKind::TripleFaultStateLost,
                 ..
             })
         ));

@@ -303,7 +303,7 @@ impl Vcpu {
         };
         // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
         let cpl = (self.fd.sync_regs().sregs.cs.selector & 3) as u8;
-        ibs.account_run(self.last_run_ns, self.cpl == 3 && cpl == 3);
+        ibs.account_run(self.last_run_ns, self.kicked, self.cpl == 3 && cpl == 3);
         self.cpl = cpl;
         if let Some((race, log)) = ibs.take_race() {
             if log {
@@ -483,12 +483,9 @@ impl Vcpu {
         let (name, outcome) = match ran {
             Ok((name, exit)) => (name, dispatch(exit, pio, local, policy)),
             Err(Deferred::Shutdown) => {
-                let idt_limit = self
-                    .fd
-                    .get_sregs()
-                    .map_err(self.ioctl_err("KVM_GET_SREGS"))?
-                    .idt
-                    .limit;
+                let sregs = self.sregs()?;
+                let idt_limit =
+                    (!cpu::is_reset_state(&sregs, self.rip())).then_some(sregs.idt.limit);
                 (
                     "exit.shutdown",
                     dispatch(
