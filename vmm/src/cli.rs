@@ -59,8 +59,10 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
   --ibs-seed N          seed of the synthetic sampler (deterministic samples)
   --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
                         (default 1.0: a period of MaxCnt*16 ops lasts that many ns of
-                        vCPU run time; on CPL0-emulating hosts, time the vCPU spends
-                        in emulated kernel code counts 1/1000)
+                        guest run time: the vCPU thread's CPU time in KVM_RUN, less
+                        the host's cost of exits the guest's own instructions caused;
+                        on CPL0-emulating hosts, time the vCPU spends in emulated
+                        kernel code counts 1/1000)
 
 Benchmarking:
   --null-msr INDEX      trap MSR INDEX to ibsvm and answer it with no device at all
