@@ -2,26 +2,46 @@
  * test=xsave: the XSAVE feature set as a kernel uses it to switch AVX
  * state between tasks (SDM vol. 1 ch. 13), with the architectural faults.
  * On the dev hosts KVM's emulator cannot run xsave/xrstor at CPL0
- * (host-kvm.md); ibsvm completes them, so this checks that completion:
- *  - CPUID.1:ECX[26] XSAVE; CR4.OSXSAVE set -> CPUID.1:ECX[27] follows;
+ * (host-kvm.md); ibsvm completes them, so this checks that completion.
+ *
+ * A CPU without XSAVE (CPUID.1:ECX[26] clear) has none of it, and that is
+ * what is checked then: CR4.OSXSAVE and CPUID.1:ECX[27] read clear,
+ * setting CR4.OSXSAVE raises #GP(0) (the bit is reserved: SDM vol. 3A
+ * 2.5, vol. 2B "MOV - Move to/from Control Registers"; APM vol. 2 3.1.3),
+ * and xgetbv, xsetbv, xsave64 and xrstor64 raise #UD (SDM vol. 2C, each
+ * one's "64-Bit Mode Exceptions": CPUID.01H:ECX.XSAVE = 0 or CR4.OSXSAVE
+ * = 0).  Serial: "xsave: CPU without XSAVE: CR4.OSXSAVE raises #GP;
+ * xgetbv, xsetbv, xsave64, xrstor64 raise #UD", "xsave: ok", "PASS".
+ *
+ * With XSAVE:
+ *  - CR4.OSXSAVE set -> CPUID.1:ECX[27] follows;
  *  - XCR0 reads 0x1 after reset; Fn0000_000D.0 EAX offers x87|SSE|AVX;
- *    xsetbv of AVX without SSE (0x5) and xgetbv of XCR 1 raise #GP;
- *    xsetbv 0x7 reads back 0x7 at CPL0; at CPL3 (native) XCR0 holds at
+ *    xsetbv of AVX without SSE (0x5) raises #GP;
+ *  - XCR 1: without XGETBV1 (Fn0000_000D.1 EAX[2] clear) xgetbv of it
+ *    raises #GP; with XGETBV1 it reads XCR0 AND XINUSE (SDM vol. 1 13.3,
+ *    vol. 2C "XGETBV"), so it has no bit outside XCR0;
+ *  - xsetbv 0x7 reads back 0x7 at CPL0; at CPL3 (native) XCR0 holds at
  *    least 0x7 (printed: the host's own XCR0 on a CPL0-emulating host);
- *  - ymm0 loaded at CPL3, xsave64 at CPL0: XSTATE_BV[2] set, XMM0 at 160
+ *  - ymm0 loaded at CPL3 (YMM0[255:128] not zero, so AVX state is not in
+ *    its initial configuration): with XGETBV1, XINUSE[2] reads 1 (SDM
+ *    vol. 1 13.6); xsave64 at CPL0: XSTATE_BV[2] set, XMM0 at 160
  *    and YMM0[255:128] at the Fn0000_000D.2 EBX offset hold it;
  *  - another value written to the area, xrstor64: CPL3 reads it in ymm0;
  *    XSTATE_BV[2] cleared, xrstor64: ymm0[255:128] reads as zero (init);
  *  - xrstor64 of a misaligned area, and of XSTATE_BV bits outside XCR0,
  *    raise #GP; xsave64 into an unmapped page raises #PF with error code
  *    0x2 (supervisor write, not present) and CR2 = the area.
- * Serial: "xsave: xcr0 0x1 -> 0x7", "xsave: CPL3 xcr0 0x...",
- * "xsave: ymm offset 0x240", "xsave: ok",
- * "PASS"; exit 0 (1 with "FAIL: ..." otherwise).
+ * Serial: "xsave: XGETBV1: xgetbv of XCR 1 reads XCR0 & XINUSE" or
+ * "xsave: no XGETBV1: xgetbv of XCR 1 raises #GP", "xsave: xcr0 0x1 ->
+ * 0x7", "xsave: CPL3 xcr0 0x...", with XGETBV1 "xsave: XINUSE[2] set
+ * with ymm0 in use", "xsave: ymm offset 0x240", "xsave: ok", "PASS".
+ * Exit 0 (1 with "FAIL: ..." otherwise).
  *
  * The CPL0 instructions of the XSAVE set live in .completedtext, which
  * check.sh lets hold exactly those (xsave64, xrstor64; xsetbv, which KVM's
  * emulator runs, and xgetbv are not on its list of forbidden instructions).
+ * On a CPL0-emulating host ibsvm also completes xgetbv of XCR 1, as the
+ * guest sees XGETBV1 there (vmm/src/vcpu/completion/xstate.rs).
  */
 #include "macros.h"
 
@@ -43,7 +63,8 @@ test_xsave:
     cpuid
     test $CPUID_1_ECX_XSAVE, %ecx
     jnz 1f
-    FAIL "xsave: CPUID.1:ECX[26] (XSAVE) is clear"
+    call without_xsave
+    jmp 25f
 1:  mov %cr4, %rax
     or $CR4_OSXSAVE, %rax
     mov %rax, %cr4
@@ -74,19 +95,39 @@ test_xsave:
 5:  xor %edi, %edi
     mov $(XCR0_X87 | XCR0_AVX), %esi
     call xsetbv_guarded
-    mov $1, %edi
-    call expect_gp
+    mov %rax, %rdi
+    mov $VEC_GP, %esi
+    call expect_fault
     test %rax, %rax
     jz 6f
     FAIL "xsave: xsetbv of AVX without SSE did not raise #GP"
-6:  mov $1, %edi
-    call xgetbv_guarded
-    mov %rdx, %rax
-    mov $1, %edi
-    call expect_gp
+6:  call xgetbv1_offered
     test %rax, %rax
-    jz 7f
-    FAIL "xsave: xgetbv of XCR 1 did not raise #GP"
+    jnz 27f
+    mov $1, %edi
+    call xgetbv_guarded
+    mov %rdx, %rdi
+    mov $VEC_GP, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 28f
+    FAIL "xsave: xgetbv of XCR 1 did not raise #GP without XGETBV1"
+28: PUTS "xsave: no XGETBV1: xgetbv of XCR 1 raises #GP\n"
+    jmp 7f
+27: mov $1, %edi
+    call xgetbv_guarded
+    test %rdx, %rdx
+    jz 29f
+    FAIL "xsave: xgetbv of XCR 1 faulted with XGETBV1"
+29: mov %r12, %rcx
+    not %rcx
+    test %rcx, %rax
+    jz 30f
+    PUTS "xsave: XCR 1 "
+    PUTHEX %rax
+    PUTS "\n"
+    FAIL "xsave: xgetbv of XCR 1 has bits outside XCR0"
+30: PUTS "xsave: XGETBV1: xgetbv of XCR 1 reads XCR0 & XINUSE\n"
 7:  xor %edi, %edi
     mov $(XCR0_X87 | XCR0_SSE | XCR0_AVX), %esi
     call xsetbv_guarded
@@ -139,7 +180,18 @@ test_xsave:
     lea user_load_ymm0(%rip), %rdi
     xor %edx, %edx
     call run_user
-    lea xsave_area(%rip), %rdi
+    call xgetbv1_offered
+    test %rax, %rax
+    jz 31f
+    mov $1, %edi
+    call xgetbv_guarded
+    test %rdx, %rdx
+    jnz 32f
+    test $XCR0_AVX, %rax
+    jnz 33f
+32: FAIL "xsave: XINUSE[2] (xgetbv of XCR 1) is not set with ymm0[255:128] in use"
+33: PUTS "xsave: XINUSE[2] set with ymm0 in use\n"
+31: lea xsave_area(%rip), %rdi
     mov $(XCR0_X87 | XCR0_SSE | XCR0_AVX), %esi
     call xsave_guarded
     test %rax, %rax
@@ -208,8 +260,9 @@ test_xsave:
 19: lea 8(%rbx), %rdi
     mov $(XCR0_X87 | XCR0_SSE | XCR0_AVX), %esi
     call xrstor_guarded
-    mov $1, %edi
-    call expect_gp
+    mov %rax, %rdi
+    mov $VEC_GP, %esi
+    call expect_fault
     test %rax, %rax
     jz 20f
     FAIL "xsave: xrstor64 of a misaligned area did not raise #GP"
@@ -217,8 +270,9 @@ test_xsave:
     mov %rbx, %rdi
     mov $(XCR0_X87 | XCR0_SSE | XCR0_AVX), %esi
     call xrstor_guarded
-    mov $1, %edi
-    call expect_gp
+    mov %rax, %rdi
+    mov $VEC_GP, %esi
+    call expect_fault
     test %rax, %rax
     jz 21f
     FAIL "xsave: xrstor64 of XSTATE_BV bits outside XCR0 did not raise #GP"
@@ -249,11 +303,103 @@ test_xsave:
     pop %rbx
     ret
 
-/* expect_gp(rax = helper result, edi = 1): rax = 0 if the helper faulted with #GP. */
-expect_gp:
-    cmp %rdi, %rax
+/*
+ * without_xsave: the checks on a CPU without XSAVE (see the top); prints
+ * what it checked, or fails the test.
+ */
+without_xsave:
+    push %rbx
+    push %r12
+    mov %cr4, %r12
+    test $CR4_OSXSAVE, %r12
+    jz 1f
+    FAIL "xsave: CR4.OSXSAVE is set on a CPU without XSAVE"
+1:  mov $CPUID_FEATURES, %eax
+    xor %ecx, %ecx
+    cpuid
+    test $CPUID_1_ECX_OSXSAVE, %ecx
+    jz 2f
+    FAIL "xsave: CPUID.1:ECX[27] (OSXSAVE) is set on a CPU without XSAVE"
+2:  mov %r12, %rdi
+    or $CR4_OSXSAVE, %rdi
+    call write_cr4_guarded
+    mov %rax, %rdi
+    mov $VEC_GP, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 3f
+    FAIL "xsave: setting CR4.OSXSAVE without XSAVE did not raise #GP"
+3:  mov %cr4, %rax
+    cmp %r12, %rax
+    je 4f
+    FAIL "xsave: CR4 changed although its write raised #GP"
+4:  xor %edi, %edi
+    call xgetbv_guarded
+    mov %rdx, %rdi
+    mov $VEC_UD, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 5f
+    FAIL "xsave: xgetbv without XSAVE did not raise #UD"
+5:  xor %edi, %edi
+    mov $XCR0_X87, %esi
+    call xsetbv_guarded
+    mov %rax, %rdi
+    mov $VEC_UD, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 6f
+    FAIL "xsave: xsetbv without XSAVE did not raise #UD"
+6:  lea xsave_area(%rip), %rdi
+    mov $XCR0_X87, %esi
+    call xsave_guarded
+    mov %rax, %rdi
+    mov $VEC_UD, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 7f
+    FAIL "xsave: xsave64 without XSAVE did not raise #UD"
+7:  lea xsave_area(%rip), %rdi
+    mov $XCR0_X87, %esi
+    call xrstor_guarded
+    mov %rax, %rdi
+    mov $VEC_UD, %esi
+    call expect_fault
+    test %rax, %rax
+    jz 8f
+    FAIL "xsave: xrstor64 without XSAVE did not raise #UD"
+8:  PUTS "xsave: CPU without XSAVE: CR4.OSXSAVE raises #GP; xgetbv, xsetbv, xsave64, xrstor64 raise #UD\n"
+    pop %r12
+    pop %rbx
+    ret
+
+/* xgetbv1_offered: rax = CPUID Fn0000_000D.1 EAX[2] XGETBV1 (non-zero: offered). */
+xgetbv1_offered:
+    push %rbx
+    mov $CPUID_XSTATE, %eax
+    mov $1, %ecx
+    cpuid
+    and $CPUID_D_1_EAX_XGETBV1, %eax
+    pop %rbx
+    ret
+
+/* write_cr4_guarded(rdi = value): rax = 0, or 1 if the write faulted. */
+write_cr4_guarded:
+1:  mov %rdi, %cr4
+    xor %eax, %eax
+    ret
+2:  mov $1, %eax
+    ret
+    EXTABLE 1b, 2b
+
+/*
+ * expect_fault(rdi = a guarded helper's result, 1 if it faulted; esi =
+ * vector): rax = 0 if the helper faulted with that vector.
+ */
+expect_fault:
+    cmp $1, %rdi
     jne 1f
-    cmpq $VEC_GP, %gs:PC_FAULT_VEC
+    cmp %rsi, %gs:PC_FAULT_VEC
     jne 1f
     xor %eax, %eax
     ret

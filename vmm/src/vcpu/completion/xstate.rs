@@ -5,6 +5,11 @@
 //!
 //! This host's KVM emulator runs XSETBV (so XCR0 is KVM's) but stops at these three; a
 //! Linux guest that may use XSAVE needs all of them for its context switches.
+//!
+//! XGETBV of XCR 1 (XINUSE) is valid exactly when the guest's CPUID offers XGETBV1, and
+//! guest code on these hosts reads that bit from the host whatever ibsvm's table says (see
+//! [`xgetbv1_offered`]), so ibsvm completes it where the host has XGETBV1: hiding the bit
+//! is not in its power there.
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
@@ -25,8 +30,16 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const CR4_SMAP: u64 = 1 << 21;
 /// RFLAGS bit 18 AC: with SMAP, supervisor accesses to user pages are allowed (§4.6.1).
 const RFLAGS_AC: u64 = 1 << 18;
-/// XCR0, the only XCR without XGETBV1 (SDM vol. 1 §13.3).
+/// XCR0, the only XCR without XGETBV1; XCR 1 reads XCR0 AND XINUSE where CPUID offers
+/// XGETBV1 (SDM vol. 1 §13.3, vol. 2C "XGETBV").
 const XCR0: u32 = 0;
+const XCR1: u32 = 1;
+/// CPUID Fn0000_000D sub-leaf 1 EAX bit 2 XGETBV1 (SDM vol. 2A "CPUID" Table 3-8; AMD APM
+/// vol. 3 appendix E, Fn0000_000D_EAX_x1).
+const LEAF_D_1_EAX_XGETBV1: u32 = 1 << 2;
+/// XSTATE_BV, bytes 512-519 of the standard-format area `KVM_GET_XSAVE` fills (SDM vol. 1
+/// §13.4.2).
+const XSTATE_BV: std::ops::Range<usize> = 512..520;
 const PAGE: u64 = 4096;
 
 /// A failure completing XGETBV, XSAVE or XRSTOR that is not the guest's fault.
@@ -71,17 +84,43 @@ fn xcr0(fd: &VcpuFd) -> Result<u64, XstateError> {
         .ok_or(XstateError::NoXcr0)
 }
 
-/// XGETBV: `regs` gets EDX:EAX = XCR0, the upper halves of RAX and RDX cleared.
+/// The vCPU's XINUSE: the XSTATE_BV of its state as `KVM_GET_XSAVE` reports it, which the
+/// host's XSAVE wrote from XINUSE when it saved the guest's registers (SDM vol. 1 §13.7).
+fn xinuse(fd: &VcpuFd) -> Result<u64, XstateError> {
+    let state = state_bytes(&fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?);
+    Ok(u64::from_le_bytes(
+        state[XSTATE_BV].try_into().expect("8-byte field"),
+    ))
+}
+
+/// Whether the guest sees XGETBV1. KVM's table cannot hide leaf 0xD sub-leaf 1 from guest
+/// code on the hosts whose CPL0 it emulates: measured on such a host, the test kernel
+/// (`test=xsave`) reads EAX 0x7 (XSAVEOPT, XSAVEC, XGETBV1) at CPL0 and CPL3 while the
+/// table from `KVM_GET_SUPPORTED_CPUID` holds 0 there; the host's own EAX is 0xf. So the
+/// guest's XGETBV1 is the host's.
+fn xgetbv1_offered() -> bool {
+    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+    // Unsafe functions in older Rust (rust-version is 1.80), safe in recent releases.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86-64 CPU and only writes the four result registers;
+    // leaf 0xD is read only if leaf 0 says it exists.
+    unsafe {
+        __get_cpuid_max(0).0 >= 0xd && __cpuid_count(0xd, 1).eax & LEAF_D_1_EAX_XGETBV1 != 0
+    }
+}
+
+/// XGETBV: `regs` gets EDX:EAX = XCR[ECX], the upper halves of RAX and RDX cleared: XCR0,
+/// or with XGETBV1 XCR 1 = XCR0 AND XINUSE; any other ECX is #GP(0), after the #UD of
+/// CR4.OSXSAVE clear (SDM vol. 2C "XGETBV" exceptions; vol. 3A §6.9 priorities).
 pub fn xgetbv(fd: &VcpuFd, sregs: &kvm_sregs, regs: &mut kvm_regs) -> Result<Effect, XstateError> {
     if sregs.cr4 & CR4_OSXSAVE == 0 {
         return Ok(Effect::Fault(Exception::INVALID_OPCODE));
     }
-    // ECX = 1 reads XINUSE, which exists only with XGETBV1; ibsvm's guests do not have it
-    // (see `crate::host`), so only XCR0 is valid.
-    if regs.rcx as u32 != XCR0 {
-        return Ok(Effect::Fault(Exception::GENERAL_PROTECTION));
-    }
-    let value = xcr0(fd)?;
+    let value = match regs.rcx as u32 {
+        XCR0 => xcr0(fd)?,
+        XCR1 if xgetbv1_offered() => xcr0(fd)? & xinuse(fd)?,
+        _ => return Ok(Effect::Fault(Exception::GENERAL_PROTECTION)),
+    };
     regs.rax = value & 0xffff_ffff;
     regs.rdx = value >> 32;
     Ok(Effect::Retired)

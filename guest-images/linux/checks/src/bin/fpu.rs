@@ -8,16 +8,21 @@
 //! leak between tasks (guest-images/linux/README.md, "The pipeline crash"). ibsvm now
 //! completes XSAVE/XRSTOR at CPL0, so the kernel switches every component.
 //!
-//! - `xstate-coverage`: every state component XCR0 enables at CPL3 (XGETBV) is one the
-//!   kernel saves and restores (`arch_prctl(ARCH_GET_XCOMP_SUPP)`).
+//! What CPL3 code can use is checked first, as the CPU reports it: CPUID.1:ECX[27]
+//! OSXSAVE (the kernel set CR4.OSXSAVE) before XGETBV, which raises #UD without it.
+//!
+//! - `xstate-coverage`: with OSXSAVE, every state component XCR0 enables at CPL3 (XGETBV)
+//!   is one the kernel saves and restores (`arch_prctl(ARCH_GET_XCOMP_SUPP)`); without it
+//!   (a CPU without XSAVE, or a kernel that left it off), CPL3 has x87 and SSE state only,
+//!   and the kernel must report exactly those, the FXSAVE state.
 //! - `xmm-isolation`: XMM0–XMM7 stay each task's own. A few processes, all on this CPU,
 //!   hold their own pattern in registers and check it in a loop of plain register
 //!   compares, yielding the CPU every round, so that the kernel switches tasks again and
 //!   again.
-//! - `ymm-isolation` (when XCR0 enables AVX): the upper half of YMM0, each round also
-//!   touching a new page (the crash's page fault).
-//! - `avx512-isolation` (when XCR0 enables the three AVX-512 components): opmask K1, bits
-//!   511:256 of ZMM0 and ZMM16, likewise.
+//! - `ymm-isolation` (when AVX is usable: the CPU has it and XCR0 enables its state): the
+//!   upper half of YMM0, each round also touching a new page (the crash's page fault).
+//! - `avx512-isolation` (when AVX-512F is usable: the CPU has it and XCR0 enables the three
+//!   AVX-512 components): opmask K1, bits 511:256 of ZMM0 and ZMM16, likewise.
 //!
 //! Options (`KEY=VALUE` arguments): `FPU_TASKS` (processes, default 3), `FPU_ROUNDS`
 //! (page faults and yields per process, default 300).
@@ -26,10 +31,16 @@ use ibsvm_guest_checks::cpu::pin_to_current_cpu;
 use ibsvm_guest_checks::options::Options;
 use ibsvm_guest_checks::{describe_wait_status, Check};
 
-/// XCR0 bits 1 (SSE) and 2 (AVX, the upper halves of YMM0-15); 5 (opmask K0-K7), 6
-/// (ZMM_Hi256: bits 511:256 of ZMM0-15) and 7 (Hi16_ZMM: ZMM16-31): SDM vol. 1 §13.3.
-const XCR0_SSE_AVX: u64 = 0b110;
-const XCR0_AVX512: u64 = 0b1110_0000;
+/// CPUID.1:ECX bit 26 XSAVE (the CPU has the XSAVE feature set) and bit 27 OSXSAVE (CR4.
+/// OSXSAVE is set: XGETBV and the XCR0-enabled state work): SDM vol. 2A "CPUID" Table
+/// 3-10, vol. 1 §13.2; AMD APM vol. 3 appendix E, Fn0000_0001_ECX.
+const CPUID1_ECX_XSAVE: u32 = 1 << 26;
+const CPUID1_ECX_OSXSAVE: u32 = 1 << 27;
+/// XCR0 bits 0 (x87) and 1 (SSE): the state FXSAVE/FXRSTOR switch, all a task has without
+/// XSAVE (SDM vol. 1 §13.3, §10.5; Linux's XFEATURE_MASK_FPSSE, which
+/// `ARCH_GET_XCOMP_SUPP` reports on a CPU with FXSR and without XSAVE:
+/// arch/x86/kernel/fpu/init.c, fpu__init_system_xstate_size_legacy).
+const XCR0_FPSSE: u64 = 0b11;
 /// The components user space can use (x87 to PKRU, bit 9; AMX, 17-18), the ones
 /// `ARCH_GET_XCOMP_SUPP` speaks about (arch/x86/include/asm/fpu/xstate.h,
 /// XFEATURE_MASK_USER_SUPPORTED).
@@ -38,15 +49,61 @@ const XCR0_USER: u64 = 0x6_02ff;
 /// 5.16 (arch/x86/include/uapi/asm/prctl.h).
 const ARCH_GET_XCOMP_SUPP: libc::c_int = 0x1021;
 
-/// XCR0 as this task sees it.
-fn xcr0() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: XGETBV with ECX = 0 reads XCR0; it needs CPUID.1:ECX.OSXSAVE, which every
-    // x86-64 CPU this runs on (the host's CPUID at CPL3) reports; touches only EAX/EDX.
-    unsafe {
-        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+/// The vector state user space has, as the CPU reports it to this task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VectorState {
+    /// OSXSAVE: XCR0 (XGETBV at CPL3) says which components are enabled.
+    Xsave {
+        /// XCR0.
+        xcr0: u64,
+    },
+    /// No OSXSAVE: x87 and SSE only; XGETBV and every VEX instruction raise #UD (SDM vol.
+    /// 2C "XGETBV", vol. 2A §2.4).
+    Fxsave {
+        /// The CPU has XSAVE (CPUID.1:ECX[26]) but the kernel left it off.
+        cpu_has_xsave: bool,
+    },
+}
+
+impl VectorState {
+    /// Reads CPUID leaf 1, and XCR0 if OSXSAVE allows XGETBV.
+    fn of_this_cpu() -> Self {
+        // Unsafe in older Rust, safe in recent releases (1.95 here): allowed either way.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU and only writes its result registers.
+        let ecx = unsafe { std::arch::x86_64::__cpuid(1) }.ecx;
+        if ecx & CPUID1_ECX_OSXSAVE == 0 {
+            return Self::Fxsave {
+                cpu_has_xsave: ecx & CPUID1_ECX_XSAVE != 0,
+            };
+        }
+        let (lo, hi): (u32, u32);
+        // SAFETY: XGETBV with ECX = 0 reads XCR0; OSXSAVE is set, so it does not raise #UD
+        // (SDM vol. 2C "XGETBV"); it touches only EAX/EDX.
+        unsafe {
+            std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+        }
+        Self::Xsave {
+            xcr0: u64::from(hi) << 32 | u64::from(lo),
+        }
     }
-    u64::from(hi) << 32 | u64::from(lo)
+
+    /// What it is, for the log.
+    fn describe(self) -> String {
+        match self {
+            Self::Xsave { xcr0 } => format!(
+                "xcr0 {xcr0:#x} (XGETBV at CPL3; bit 1 SSE, 2 AVX, 5-7 AVX-512)"
+            ),
+            Self::Fxsave { cpu_has_xsave } => format!(
+                "CPUID.1:ECX[27] OSXSAVE clear ({}): x87 and SSE state only, XGETBV and AVX raise #UD",
+                if cpu_has_xsave {
+                    "the CPU has XSAVE, the kernel left it off"
+                } else {
+                    "a CPU without XSAVE"
+                }
+            ),
+        }
+    }
 }
 
 /// The components the kernel saves and restores for user space.
@@ -69,15 +126,27 @@ fn kernel_xfeatures() -> Result<u64, String> {
     Ok(features)
 }
 
-/// `xstate-coverage`: what XCR0 lets user space use, the kernel must switch.
-fn coverage(xcr0: u64) -> Result<String, String> {
-    let saved = kernel_xfeatures()?;
-    match xcr0 & XCR0_USER & !saved {
-        0 => Ok(format!(
-            "XCR0 {xcr0:#x} at CPL3, the kernel switches {saved:#x}: every usable component"
+/// `xstate-coverage`: what user space can use, the kernel must switch.
+fn coverage(state: VectorState) -> Result<String, String> {
+    coverage_of(state, kernel_xfeatures()?)
+}
+
+/// [`coverage`] given the components the kernel reports it saves.
+fn coverage_of(state: VectorState, saved: u64) -> Result<String, String> {
+    match state {
+        VectorState::Xsave { xcr0 } => match xcr0 & XCR0_USER & !saved {
+            0 => Ok(format!(
+                "XCR0 {xcr0:#x} at CPL3, the kernel switches {saved:#x}: every usable component"
+            )),
+            unsaved => Err(format!(
+                "XCR0 {xcr0:#x} at CPL3 enables components {unsaved:#x} that the kernel ({saved:#x}) never saves: their registers are shared between tasks"
+            )),
+        },
+        VectorState::Fxsave { .. } if saved == XCR0_FPSSE => Ok(format!(
+            "no OSXSAVE: CPL3 has x87 and SSE state only, and the kernel switches {saved:#x}: the FXSAVE state, every usable component"
         )),
-        unsaved => Err(format!(
-            "XCR0 {xcr0:#x} at CPL3 enables components {unsaved:#x} that the kernel ({saved:#x}) never saves: their registers are shared between tasks"
+        VectorState::Fxsave { .. } => Err(format!(
+            "no OSXSAVE, so CPL3 has x87 and SSE state only, but the kernel reports components {saved:#x}, not {XCR0_FPSSE:#x} (x87, SSE)"
         )),
     }
 }
@@ -104,10 +173,8 @@ fn main() {
             o.number("FPU_ROUNDS", 300, 1..=1_000_000)?,
         ))
     });
-    let xcr0 = xcr0();
-    c.info(format!(
-        "xcr0 {xcr0:#x} (XGETBV at CPL3; bit 1 SSE, 2 AVX, 5-7 AVX-512)"
-    ));
+    let state = VectorState::of_this_cpu();
+    c.info(state.describe());
     let (tasks, rounds) = match opts {
         Ok(o) => o,
         Err(e) => {
@@ -115,17 +182,21 @@ fn main() {
             c.finish();
         }
     };
-    c.run("xstate-coverage", || coverage(xcr0));
+    c.run("xstate-coverage", || coverage(state));
     c.run("xmm-isolation", || isolation(tasks, rounds, Regs::Xmm));
-    if xcr0 & XCR0_SSE_AVX == XCR0_SSE_AVX {
+    // std's detection: the CPUID feature bit, OSXSAVE, and XCR0 enabling the state (XCR0
+    // bits 2:1 for AVX, 7:5 for AVX-512; SDM vol. 1 §14.3, §15.2).
+    if is_x86_feature_detected!("avx") {
         c.run("ymm-isolation", || isolation(tasks, rounds, Regs::YmmUpper));
     } else {
-        c.info("AVX state not enabled in XCR0: AVX instructions #UD, nothing to isolate");
+        c.info("ymm-isolation does not apply: AVX is not usable here (CPU, OSXSAVE or XCR0), so AVX instructions raise #UD and there is no YMM state to isolate");
     }
-    if xcr0 & XCR0_AVX512 == XCR0_AVX512 {
+    if is_x86_feature_detected!("avx512f") {
         c.run("avx512-isolation", || {
             isolation(tasks, rounds, Regs::Avx512)
         });
+    } else {
+        c.info("avx512-isolation does not apply: AVX-512F is not usable here (CPU, OSXSAVE or XCR0), so there is no opmask or ZMM state to isolate");
     }
     c.finish();
 }
@@ -149,9 +220,12 @@ fn isolation(tasks: u64, rounds: u64, regs: Regs) -> Result<String, String> {
             let seen = match regs {
                 Regs::Xmm => Ok(hold_xmm(pattern(k), rounds)),
                 Regs::YmmUpper => hold_ymm_upper(pattern(k), rounds),
-                // SAFETY: main runs this only when XCR0 enables the AVX-512 components,
-                // which the CPU then has.
-                Regs::Avx512 => unsafe { hold_avx512(pattern(k), rounds) },
+                // SAFETY: std's detection says AVX-512F is usable: the CPU has it and
+                // XCR0 enables its three components.
+                Regs::Avx512 if is_x86_feature_detected!("avx512f") => unsafe {
+                    hold_avx512(pattern(k), rounds)
+                },
+                Regs::Avx512 => Err("AVX-512F is not usable here".into()),
             };
             let seen = seen.unwrap_or_else(|e| {
                 eprintln!("fpu: task {k}: {e}");
@@ -304,24 +378,29 @@ impl Drop for FreshPages {
     }
 }
 
-/// Fills the upper 128 bits of YMM0 with `pat`, then `rounds` times touches a new page,
-/// checks the register and yields. Returns 0, or the first foreign value.
+/// Puts `pat` in bits 191:128 of YMM0, then `rounds` times touches a new page, checks
+/// those bits and yields. Returns 0, or the first foreign value; an error if AVX is not
+/// usable.
 fn hold_ymm_upper(pat: u64, rounds: u64) -> Result<u64, String> {
+    if !is_x86_feature_detected!("avx") {
+        return Err("AVX is not usable here".into());
+    }
     let pages = FreshPages::new(rounds)?;
     let seen: u64;
-    // SAFETY: AVX2 is present (XCR0 enables AVX, and the host CPU this runs on has AVX2);
-    // the asm touches YMM0/XMM1, the declared GPRs, and one byte in each of the `rounds`
-    // pages; sched_yield (24, arch/x86/entry/syscalls/syscall_64.tbl) has no arguments.
+    // SAFETY: AVX is usable (checked above); VMOVQ, VINSERTF128 and VEXTRACTF128 are AVX
+    // (SDM vol. 2). The asm touches YMM0/XMM1, the declared GPRs, and one byte in each of
+    // the `rounds` pages; sched_yield (24, arch/x86/entry/syscalls/syscall_64.tbl) has no
+    // arguments.
     unsafe {
         std::arch::asm!(
             "vmovq xmm1, {pat}",
-            "vpbroadcastq ymm0, xmm1",
+            "vinsertf128 ymm0, ymm0, xmm1, 1",
             "2:",
             "mov byte ptr [{p}], 1",
             "add {p}, 4096",
             "mov {n}, {per_round}",
             "3:",
-            "vextracti128 xmm1, ymm0, 1",
+            "vextractf128 xmm1, ymm0, 1",
             "vmovq {v}, xmm1",
             "cmp {v}, {pat}",
             "jne 5f",
@@ -434,16 +513,40 @@ mod tests {
     fn registers_hold_on_this_host() {
         assert_eq!(hold_xmm(pattern(0), 3), 0);
         assert_eq!(isolation(2, 2, Regs::Xmm).map(|_| ()), Ok(()));
-        if xcr0() & XCR0_SSE_AVX == XCR0_SSE_AVX {
+        if is_x86_feature_detected!("avx") {
             assert_eq!(hold_ymm_upper(pattern(1), 3), Ok(0));
             assert_eq!(isolation(2, 2, Regs::YmmUpper).map(|_| ()), Ok(()));
+        } else {
+            assert!(hold_ymm_upper(pattern(1), 3).is_err());
         }
-        if xcr0() & XCR0_AVX512 == XCR0_AVX512 {
-            // SAFETY: XCR0 enables the AVX-512 components, so the CPU has AVX-512F.
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: std's detection says AVX-512F is usable.
             assert_eq!(unsafe { hold_avx512(pattern(2), 3) }, Ok(0));
             assert_eq!(isolation(2, 2, Regs::Avx512).map(|_| ()), Ok(()));
         }
-        // This host's kernel switches what its XCR0 enables.
-        assert!(coverage(xcr0()).is_ok());
+        // This host's kernel switches what its CPU lets user space use.
+        let state = VectorState::of_this_cpu();
+        assert!(coverage(state).is_ok(), "{state:?}");
+    }
+
+    #[test]
+    fn coverage_follows_what_cpl3_can_use() {
+        let xsave = |xcr0| VectorState::Xsave { xcr0 };
+        let fxsave = VectorState::Fxsave {
+            cpu_has_xsave: false,
+        };
+        assert!(coverage_of(xsave(0xe7), 0x2e7).is_ok());
+        assert!(coverage_of(xsave(0x7), 0x7).is_ok());
+        assert!(coverage_of(xsave(0xe7), 0x7).is_err(), "AVX-512 unsaved");
+        assert!(
+            coverage_of(xsave(0x7), XCR0_FPSSE).is_err(),
+            "the noxsave leak"
+        );
+        assert!(coverage_of(fxsave, XCR0_FPSSE).is_ok());
+        assert!(
+            coverage_of(fxsave, 0x7).is_err(),
+            "AVX claimed without OSXSAVE"
+        );
+        assert!(coverage_of(fxsave, 0x1).is_err(), "SSE not switched");
     }
 }
