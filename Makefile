@@ -57,25 +57,26 @@ test: build images lint
 	$(MAKE) test-nested NESTED_SUITE="$(NESTED_PASSING)"
 
 # The KVM tests that test-nested runs inside the L1 host: every test executable that boots
-# guests, the race matrix, and the stock-Linux boot.
-NESTED_SUITE := 'testkernel=test:testkernel' 'ibs=test:ibs' 'race=test:race' 'cli=test:cli' \
-	'race-matrix=target/release/race-matrix' 'linux=test:linux'
-# What `make test` runs there so far: the same executables less what does not pass on a
-# nested SVM host yet (`make test-nested` runs it all): the synthetic sampler still puts
-# some ibs-sample samples outside the sampled loop there; the race kernel's prefix +
-# faithful cell sees more interference from the unit's own samples than the matrix
-# allows, and more enables than stale stops under random NMI points; the stock-Linux boot.
-NESTED_PASSING := 'testkernel=test:testkernel' \
+# guests, the race matrix, and the stock-Linux boot (first: after the other suites the
+# emulated host's L1 kernel has panicked, guest-images/nested/README.md).
+NESTED_SUITE := 'linux=test:linux' 'testkernel=test:testkernel' 'ibs=test:ibs' 'race=test:race' \
+	'cli=test:cli' 'race-matrix=target/release/race-matrix'
+# What `make test` runs there: the same executables less what does not pass reliably on
+# that host yet (`make test-nested` runs it all): the stock-Linux boot and test=echo, which
+# the emulated host triple-faults now and then; ibs-sample, whose first op sample lands
+# outside the loop in about one run in seven; the race kernel's stress mode, which sees
+# more enables than stale stops under random NMI points there.
+NESTED_PASSING := 'testkernel=test:testkernel --skip echo_without_input_fails' \
 	'ibs=test:ibs --skip op_and_fetch_samples_arrive_by_nmi_in_the_sampled_loop' \
-	'race=test:race --skip only_prefix_on_a_faithful_device --skip stress_short' \
-	'cli=test:cli --skip ibs_auto_without_host_ibs_says_so_and_samples_synthetically'
+	'race=test:race --skip stress_short' 'cli=test:cli' \
+	'race-matrix=target/release/race-matrix'
 
 ## make test-nested: the KVM tests on an ordinary KVM host, made here: an L1 Linux (the
 ## pinned Debian kernel and its kvm_amd) under QEMU's software emulator with SVM and
 ## nested paging runs the same test executables (guest-images/nested/README.md).
 test-nested: build images
 	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix
-	python3 guest-images/nested/l1.py $(NESTED_SUITE)
+	python3 guest-images/nested/l1.py --timeout 900 --deadline 2400 $(NESTED_SUITE)
 
 ## make stress-nested: `make stress` inside that L1 host.
 stress-nested: build images

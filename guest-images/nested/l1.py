@@ -70,13 +70,16 @@ MODULES = [
 # features that depend on it (see the docstring).
 DEFAULT_CPU = "EPYC,+svm,+npt,-xsave,-xsaveopt,-xgetbv1,-avx,-avx2,-fma,-f16c"
 
+# QEMU's software emulator, one host thread per L1 CPU.
+DEFAULT_ACCEL = "tcg,thread=multi"
+
 # The busybox applets /init uses.
-APPLETS = "sh mount insmod cat echo poweroff timeout grep uname date sync sed".split()
+APPLETS = "sh mount insmod cat echo poweroff sleep kill grep uname date sync sed dmesg tail".split()
 
 MARK = "@@nested"
 
 # What in L1's own output (not a command's) means the environment itself failed.
-L1_FAILURE_MARKS = ("Kernel panic", "BUG:", "Oops", "WARNING:", "@@nested error")
+L1_FAILURE_MARKS = ("Kernel panic", "BUG:", "Oops", "WARNING:", "@@nested error", "@@nested timeout")
 
 
 class NestedError(Exception):
@@ -151,10 +154,12 @@ def file_entries(paths: list[Path]) -> list[CpioEntry]:
 
 @dataclass
 class Command:
-    """One suite command: a name for the markers, a shell command run in the repository."""
+    """One suite command: a name for the markers, a shell command run in the repository,
+    and the test executable it runs, if any."""
 
     name: str
-    argv: list[str]
+    shell: str
+    executable: Path | None = None
 
 
 def build_initramfs(modules: list[tuple[str, bytes]], busybox: Path, payload: list[Path],
@@ -169,7 +174,7 @@ def build_initramfs(modules: list[tuple[str, bytes]], busybox: Path, payload: li
     entries.append(CpioEntry("dev/null", S_IFCHR | 0o666, rdev=(1, 3)))
     entries += [CpioEntry(f"nested/modules/{i}-{n}", S_IFREG | 0o644, d) for i, (n, d) in enumerate(modules)]
     lines = [f"repo {REPO}", f"timeout {timeout_s}"]
-    lines += [f"run {c.name} {shlex.join(c.argv)}" for c in suite]
+    lines += [f"run {c.name} {c.shell}" for c in suite]
     entries.append(CpioEntry("nested/suite", S_IFREG | 0o644, ("\n".join(lines) + "\n").encode()))
     taken = {e.path for e in entries}
     entries += [e for e in file_entries(sorted(set(payload) | libs)) if e.path not in taken]
@@ -199,20 +204,23 @@ def test_executables(packages: list[str]) -> list[Path]:
 
 
 def parse_suite(specs: list[str], executables: dict[str, Path]) -> list[Command]:
-    """`NAME=COMMAND` specs; a COMMAND starting with `test:TARGET` runs that test
-    executable (the rest of the words are its arguments)."""
+    """`NAME=COMMAND` specs: COMMAND is a shell command (one line); one starting with
+    `test:TARGET` runs that test executable, the rest of the line its arguments."""
     suite = []
     for spec in specs:
         name, sep, command = spec.partition("=")
-        if not sep or not name or not command or " " in name:
-            raise NestedError(f"bad suite command {spec!r}: expected NAME=COMMAND")
-        argv = shlex.split(command)
-        if argv[0].startswith("test:"):
-            target = argv[0][len("test:"):]
+        command = command.strip()
+        if not sep or not name or not command or " " in name or "\n" in command:
+            raise NestedError(f"bad suite command {spec!r}: expected NAME=COMMAND on one line")
+        first, _, rest = command.partition(" ")
+        executable = None
+        if first.startswith("test:"):
+            target = first[len("test:"):]
             if target not in executables:
                 raise NestedError(f"no test target {target!r} (have {', '.join(sorted(executables))})")
-            argv[0] = str(executables[target])
-        suite.append(Command(name, argv))
+            executable = executables[target]
+            command = f"{shlex.quote(str(executable))} {rest}".strip()
+        suite.append(Command(name, command, executable))
     return suite
 
 
@@ -226,12 +234,12 @@ class Result:
     seconds: float | None = None
 
 
-def run_qemu(vmlinuz: Path, cpio: Path, cpu: str, memory_mb: int, smp: int, deadline_s: int,
-             log: Path) -> tuple[dict[str, Result], bool, list[str]]:
+def run_qemu(vmlinuz: Path, cpio: Path, accel: str, cpu: str, memory_mb: int, smp: int,
+             deadline_s: int, log: Path) -> tuple[dict[str, Result], bool, list[str]]:
     """Boots L1 and streams its console; returns each command's result, whether /init
     finished, and the console lines."""
     cmd = [
-        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", cpu, "-m", str(memory_mb),
+        "qemu-system-x86_64", "-accel", accel, "-cpu", cpu, "-m", str(memory_mb),
         "-smp", str(smp), "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
         "-kernel", str(vmlinuz), "-initrd", str(cpio),
         "-append", "console=ttyS0 panic=-1 mitigations=off nowatchdog quiet loglevel=4",
@@ -264,6 +272,7 @@ def run_qemu(vmlinuz: Path, cpio: Path, cpu: str, memory_mb: int, smp: int, dead
                 line = raw.decode("utf-8", "replace").rstrip("\r")
                 lines.append(line)
                 f.write(line + "\n")
+                f.flush()
                 print(line, flush=True)
                 words = line.split()
                 if words[:1] == [MARK] and len(words) >= 2:
@@ -286,6 +295,7 @@ def main(argv: list[str]) -> int:
         "test executable of the ibsvm-tests target TARGET (e.g. 'testkernel=test:testkernel "
         "--test-threads=1'). Exit status 0 only if every command exited 0.",
     )
+    ap.add_argument("--accel", default=DEFAULT_ACCEL, help=f"QEMU -accel (default {DEFAULT_ACCEL})")
     ap.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU CPU model (default {DEFAULT_CPU})")
     ap.add_argument("--memory", type=int, default=6144, help="L1 memory, MiB (default 6144)")
     ap.add_argument("--smp", type=int, default=2, help="L1 CPUs (default 2)")
@@ -310,15 +320,15 @@ def main(argv: list[str]) -> int:
         payload += [images / n for n in ("testkernel.elf", "testkernel.bzImage")]
         payload += [images / "linux" / n for n in ("vmlinux", "initramfs.cpio")]
         payload += [HERE.parent / "linux" / "cmdline"]
-        payload += [Path(c.argv[0]) for c in suite if Path(c.argv[0]).is_absolute()]
+        payload += [c.executable for c in suite if c.executable]
         payload += [p.resolve() for p in args.file]
         missing = [p for p in payload if not p.is_file()]
         if missing:
             raise NestedError(f"missing: {', '.join(map(str, missing))} (run `make build images` first)")
         cpio = build_initramfs(modules, busybox, payload, suite, args.timeout)
         started = time.monotonic()
-        results, done, lines = run_qemu(vmlinuz, cpio, args.cpu, args.memory, args.smp, args.deadline,
-                                        OUT / "console.log")
+        results, done, lines = run_qemu(vmlinuz, cpio, args.accel, args.cpu, args.memory, args.smp,
+                                        args.deadline, OUT / "console.log")
         wall = time.monotonic() - started
     except NestedError as e:
         print(f"[nested] ERROR: {e}", file=sys.stderr)

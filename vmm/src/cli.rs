@@ -60,8 +60,8 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
   --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
                         (default 1.0: a period of MaxCnt*16 ops lasts that many ns of
                         guest run time: the vCPU thread's CPU time in KVM_RUN, less
-                        the host's cost of exits the guest's own instructions caused;
-                        on CPL0-emulating hosts, time the vCPU spends in emulated
+                        the host's cost of exits, those the guest's own instructions
+                        caused and those KVM handled itself; on CPL0-emulating hosts, time the vCPU spends in emulated
                         kernel code counts 1/1000)
 
 Benchmarking:

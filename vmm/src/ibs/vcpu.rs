@@ -140,6 +140,12 @@ impl VcpuIbs {
     /// 1 for each new deadline and doubles at each kick that finds the vCPU still in the
     /// kernel with the deadline not reached, up to the divisor (about log2(divisor) kicks
     /// per period instead of `divisor`); it falls back to 1 at the first exit in user mode.
+    ///
+    /// Never sooner than an exit costs on this host ([`GuestClock::min_kick_run`]): a timer
+    /// that fires sooner mostly stops the guest while KVM is still entering it, where the
+    /// last exit left it, and the clock counts such a run after a guest-caused exit as no
+    /// guest time (so that no sample lands on the instruction after the guest's own IBS
+    /// WRMSR, say): an exit for nothing.
     pub fn deadline_in(&self, entering_user: bool) -> Option<u64> {
         let retry = self.irq_deferred.then_some(DEFERRED_IRQ_RETRY_NS);
         let stretch = if entering_user {
@@ -153,22 +159,24 @@ impl VcpuIbs {
             .into_iter()
             .chain(retry)
             .min()
+            .map(|ns| ns.max(self.clock.min_kick_run()))
     }
 
     /// Adds one KVM_RUN of `ns` CPU nanoseconds to the guest clock; `kicked` says whether
     /// it ended with a kick, `native` whether the vCPU was at CPL3 when it entered and when
-    /// it left (see [`GuestClock::account`]).
+    /// it left, `kvm_exits` how many exits KVM handled itself during it (see
+    /// [`GuestClock::account`]).
     ///
     /// A kick that retried a deferred interrupt is aimed at the guest's NMI handler, not
     /// at wherever the guest happened to be: its run counts like one the guest's own
     /// instruction ended.
-    pub fn account_run(&mut self, ns: u64, kicked: bool, native: bool) {
+    pub fn account_run(&mut self, ns: u64, kicked: bool, native: bool, kvm_exits: u64) {
         let end = if kicked && !self.irq_deferred {
             RunEnd::Kick
         } else {
             RunEnd::GuestExit
         };
-        self.clock.account(ns, end, native);
+        self.clock.account(ns, end, native, kvm_exits);
     }
 
     /// After an exit: note an NMI return, take a sample if one is due, and return the
@@ -402,7 +410,7 @@ mod tests {
             None,
             "no time has passed"
         );
-        ibs.account_run(10_000_000, true, true);
+        ibs.account_run(10_000_000, true, true, 0);
         assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
         assert_eq!(
@@ -431,7 +439,7 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true);
+        ibs.account_run(10_000_000, true, true, 0);
         // The sample latches at an exit inside some NMI handler: not injected there.
         assert_eq!(ibs.after_exit(kick(0x10, true)), None);
         assert_eq!(
@@ -447,7 +455,7 @@ mod tests {
         // nothing is injected for it afterwards.
         ibs.after_exit(kick(0x20, true));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true);
+        ibs.account_run(10_000_000, true, true, 0);
         assert_eq!(ibs.after_exit(kick(0x30, true)), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
@@ -466,7 +474,7 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true);
+        ibs.account_run(10_000_000, true, true, 0);
         // Due, but this exit is the guest's own (say a page fault at 0x50): no sample there.
         let own = ExitState {
             rip: 0x50,
@@ -481,18 +489,32 @@ mod tests {
     }
 
     #[test]
+    fn a_kick_is_never_armed_sooner_than_an_exit_costs() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        // Guest-caused exits of 150 µs each (a nested host): no guest time.
+        for _ in 0..10 {
+            ibs.account_run(150_000, false, true, 0);
+        }
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        // 65.5 µs of the period remain, but the timer waits for the guest to run: beyond
+        // the dead zone and the kick's own exit.
+        assert_eq!(ibs.deadline_in(true), Some(300_000));
+    }
+
+    #[test]
     fn periods_start_at_the_enabling_write() {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // 50 ms of guest time pass before the guest enables a 65 536-op (65.5 µs) period.
-        ibs.account_run(50_000_000, true, true);
+        ibs.account_run(50_000_000, true, true, 0);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
             ibs.after_exit(kick(0x1234, false)),
             None,
             "no sample at the enabling write"
         );
-        ibs.account_run(65_536, true, true);
+        ibs.account_run(65_536, true, true, 0);
         assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
     }
@@ -503,9 +525,9 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
-        ibs.account_run(3_000_000, true, false);
+        ibs.account_run(3_000_000, true, false, 0);
         assert_eq!(ibs.after_exit(kick(0xffff_ffff_8100_0000, false)), None);
-        ibs.account_run(65_536, true, true);
+        ibs.account_run(65_536, true, true, 0);
         assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
         assert_eq!(
             ibs.rdmsr(0xc001_1034),
@@ -536,7 +558,7 @@ mod tests {
         let mut kicks = 0;
         loop {
             let wall = ibs.deadline_in(false).unwrap();
-            ibs.account_run(wall, true, false);
+            ibs.account_run(wall, true, false, 0);
             kicks += 1;
             if ibs.after_exit(kernel_kick(0xffff_ffff_8100_0000)).is_some() {
                 break;

@@ -6,6 +6,7 @@ pub mod exit;
 pub mod guest_walk;
 pub mod halt;
 pub mod kick;
+pub mod kvm_exits;
 pub mod profile;
 pub mod syscall_bridge;
 pub mod timer;
@@ -32,6 +33,7 @@ use completion::{Completion, Effect, Exception};
 use cpu_clock::thread_cpu_time;
 use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
 use halt::VcpuActivity;
+use kvm_exits::{KvmExits, KvmExitsError};
 use profile::GuestProfiler;
 use syscall_bridge::SyscallBridge;
 use timer::KickTimer;
@@ -84,6 +86,14 @@ pub enum VcpuError {
     /// Building an MSR list for KVM_SET_MSRS failed.
     #[error("cannot build the boot MSR list")]
     MsrList,
+    /// KVM's exit counter could not be read.
+    #[error("vCPU {id}: {source}")]
+    KvmExits {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        source: KvmExitsError,
+    },
 }
 
 /// One vCPU and what its thread needs.
@@ -97,9 +107,12 @@ pub struct Vcpu {
     bridge: SyscallBridge,
     counters: Counters,
     /// CPU time (ns) this thread spent inside KVM_RUN, in all and in the last one
-    /// (see [`cpu_clock`]).
+    /// (see [`cpu_clock`]), and the exits KVM handled itself in the last one.
     run_ns: u64,
     last_run_ns: u64,
+    last_run_kvm_exits: u64,
+    /// KVM's exit counter, for the IBS clock; opened on the vCPU thread.
+    kvm_exits: Option<KvmExits>,
     /// The guest's CPL at the last exit (so at the next entry).
     cpl: u8,
     /// The last exit was a kick (see [`VcpuIbs::after_exit`]).
@@ -142,6 +155,8 @@ impl Vcpu {
             counters: Counters::default(),
             run_ns: 0,
             last_run_ns: 0,
+            last_run_kvm_exits: 0,
+            kvm_exits: None,
             cpl: 0,
             kicked: false,
             timer: None,
@@ -247,6 +262,16 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops.
     pub fn run(mut self, shared: Arc<VmShared>) -> VcpuReport {
         kick::publish(self.fd.get_kvm_run());
+        if self.ibs.is_some() {
+            self.kvm_exits = KvmExits::open(&self.fd)
+                .inspect_err(|e| {
+                    log::warn!(
+                        "vCPU {}: {e}: the IBS clock counts the exits KVM handles itself as guest time",
+                        self.id
+                    )
+                })
+                .ok();
+        }
         while !shared.stopping() {
             if let Err(e) = self.arm_timer() {
                 shared.fail(format!("vCPU {}: sample timer: {e}", self.id));
@@ -303,7 +328,12 @@ impl Vcpu {
         };
         // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
         let cpl = (self.fd.sync_regs().sregs.cs.selector & 3) as u8;
-        ibs.account_run(self.last_run_ns, self.kicked, self.cpl == 3 && cpl == 3);
+        ibs.account_run(
+            self.last_run_ns,
+            self.kicked,
+            self.cpl == 3 && cpl == 3,
+            self.last_run_kvm_exits,
+        );
         self.cpl = cpl;
         if let Some((race, log)) = ibs.take_race() {
             if log {
@@ -428,6 +458,28 @@ impl Vcpu {
         let ran = (thread_cpu_time() - started).as_nanos() as u64;
         self.run_ns += ran;
         self.last_run_ns = ran;
+        let exits = match &mut self.kvm_exits {
+            Some(exits) => exits.since_last().map_err(|source| VcpuError::KvmExits {
+                id: self.id,
+                source,
+            })?,
+            None => 0,
+        };
+        // All but an exit that brought the guest's own instruction to ibsvm. A kick's
+        // signal ends the run at an exit KVM counts (the host interrupt that delivered
+        // it, or one KVM was handling when it arrived): host work too.
+        let interrupted = match &result {
+            Ok(VcpuExit::Intr) => true,
+            Err(e) => e.errno() == libc::EINTR || e.errno() == libc::EAGAIN,
+            Ok(_) => false,
+        };
+        self.last_run_kvm_exits = if interrupted {
+            exits
+        } else {
+            exits.saturating_sub(1)
+        };
+        self.counters
+            .add("kvm.handled_exits", self.last_run_kvm_exits);
         let local: &mut dyn VcpuDevices = match &mut self.ibs {
             Some(ibs) => ibs,
             None => &mut NoVcpuDevices,
