@@ -91,7 +91,17 @@ fn missing_and_unreadable_files() {
     assert_error(
         &ibsvm(&["run", "--kernel", "/"], DEADLINE),
         1,
-        "cannot read kernel /",
+        "kernel /: not a regular file (a directory)",
+    );
+    // A FIFO nobody writes would block a plain open(2) forever; a device never ends.
+    let fifo = scratch("fifo", b"").with_file_name("kernel.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path `c`, which lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert_error(
+        &ibsvm(&["run", "--kernel", fifo.to_str().unwrap()], DEADLINE),
+        1,
+        "not a regular file (a FIFO or pipe)",
     );
     let kernel = image("testkernel.elf");
     let k = kernel.to_str().unwrap();
@@ -103,6 +113,105 @@ fn missing_and_unreadable_files() {
         1,
         "cannot read initrd",
     );
+    assert_error(
+        &ibsvm(&["run", "--kernel", k, "--initrd", "/dev/zero"], DEADLINE),
+        1,
+        "initrd /dev/zero: not a regular file (a character device)",
+    );
+}
+
+#[test]
+fn non_utf8_paths_work_and_a_non_utf8_cmdline_is_refused() {
+    require_kvm();
+    use std::os::unix::ffi::OsStrExt;
+    let kernel = image("testkernel.elf");
+    let odd = scratch("k", b"").with_file_name(std::ffi::OsStr::from_bytes(b"\xff.elf"));
+    std::fs::copy(&kernel, &odd).unwrap();
+    let out = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+        .arg("run")
+        .arg("--kernel")
+        .arg(&odd)
+        .args(["--cmdline", "test=smoke"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+    let out = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--cmdline"])
+        .arg(std::ffi::OsStr::from_bytes(b"test=\xff"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value `test=\u{fffd}` for `--cmdline`: not valid UTF-8"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn sigint_stops_the_vm_and_keeps_the_stats() {
+    require_kvm();
+    use std::io::Read;
+    // A Linux kernel without an initramfs runs (boots, then panics and waits) until stopped.
+    let kernel = image("linux/vmlinux");
+    let mut child = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--stats"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill only sends a signal to the child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("ibsvm: stopped by SIGINT; exit status 130"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ibsvm stats: exits total "), "{stderr}");
+}
+
+#[test]
+fn a_closed_console_gets_one_warning() {
+    require_kvm();
+    use std::io::Read;
+    let kernel = image("testkernel.elf");
+    let mut child = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "test=smoke",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader of `ibsvm ... | head -1` is gone
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let warnings = stderr.matches("ibsvm: warn: console output").count();
+    assert_eq!(warnings, 1, "{stderr}");
+    // The guest ran to its end regardless.
+    assert_eq!(status.code(), Some(0), "{stderr}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The command line: `ibsvm run --kernel PATH [options]`.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -76,8 +78,12 @@ Exit status:
   the byte the guest wrote to port 0xf4; 0 after a guest reset, or once every
   vCPU sits in HLT with interrupts disabled (Linux's halt, and its power-off on
   this VM, which has no ACPI); 120 if the guest crashed (diagnostic on stderr);
-  121 if --ibs-race-check fail caught the guest in the IBS race; 1 if ibsvm
-  failed; 2 usage error
+  121 if --ibs-race-check fail caught the guest in the IBS race; 130 or 143 if
+  SIGINT or SIGTERM stopped the VM (--stats and --guest-profile are still
+  written; a second signal ends ibsvm at once); 1 if ibsvm failed; 2 usage
+  error. Kernel and initrd must be regular files; only paths may be other
+  than UTF-8. If writing the console fails (a closed pipe), ibsvm warns once
+  and discards the rest of the guest's console output.
 ";
 
 /// What the command line asks for.
@@ -127,6 +133,9 @@ pub enum UsageError {
     /// A flag given twice.
     #[error("option `{0}` given twice")]
     Repeated(String),
+    /// A command or option name that is not UTF-8 (shown with replacement characters).
+    #[error("argument `{0}` is not valid UTF-8")]
+    NotUtf8(String),
 }
 
 fn bad(flag: &str, value: &str, why: impl ToString) -> UsageError {
@@ -137,10 +146,22 @@ fn bad(flag: &str, value: &str, why: impl ToString) -> UsageError {
     }
 }
 
-/// Parses the arguments after the program name.
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageError> {
-    let mut args = args.into_iter();
-    match args.next().as_deref() {
+/// An argument as text; only paths may be other than UTF-8.
+fn utf8(arg: OsString) -> Result<String, UsageError> {
+    arg.into_string()
+        .map_err(|arg| UsageError::NotUtf8(arg.to_string_lossy().into_owned()))
+}
+
+/// Parses the arguments after the program name (`std::env::args_os()`: paths need not be
+/// UTF-8).
+pub fn parse<I>(args: I) -> Result<Command, UsageError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let mut args = args.into_iter().map(Into::into);
+    let first = args.next().map(utf8).transpose()?;
+    match first.as_deref() {
         None => Err(UsageError::NoCommand),
         Some("-h" | "--help" | "help") => Ok(Command::Help),
         Some("-V" | "--version") => Ok(Command::Version),
@@ -157,7 +178,7 @@ fn parse_u64(text: &str) -> Option<u64> {
     }
 }
 
-fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
+fn parse_run(args: impl Iterator<Item = OsString>) -> Result<Command, UsageError> {
     let mut kernel = None;
     let mut initrd = None;
     let mut cmdline = None;
@@ -176,31 +197,37 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
     let mut stats = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
+        // `--flag=VALUE`: split at the first `=` (ASCII, so the flag part stays whole).
+        let bytes = arg.as_bytes();
+        let (flag, inline) = match bytes.iter().position(|&b| b == b'=') {
+            Some(at) if bytes.starts_with(b"--") => (
+                utf8(OsStr::from_bytes(&bytes[..at]).to_owned())?,
+                Some(OsStr::from_bytes(&bytes[at + 1..]).to_owned()),
+            ),
+            _ => (utf8(arg.clone())?, None),
         };
         if flag == "-h" || flag == "--help" {
             return Ok(Command::Help);
         }
         if flag == "--stats" {
-            if inline.is_some() {
-                return Err(bad(
-                    &flag,
-                    inline.as_deref().unwrap_or(""),
-                    "takes no value",
-                ));
+            if let Some(v) = &inline {
+                return Err(bad(&flag, &v.to_string_lossy(), "takes no value"));
             }
             stats = true;
             continue;
         }
-        let slot_value = |args: &mut std::iter::Peekable<_>| -> Result<String, UsageError> {
+        let os_value = |args: &mut std::iter::Peekable<_>| -> Result<OsString, UsageError> {
             match inline.clone() {
                 Some(v) => Ok(v),
                 None => args
                     .next()
                     .ok_or_else(|| UsageError::MissingValue(flag.clone())),
             }
+        };
+        let slot_value = |args: &mut std::iter::Peekable<_>| -> Result<String, UsageError> {
+            os_value(args)?
+                .into_string()
+                .map_err(|v| bad(&flag, &v.to_string_lossy(), "not valid UTF-8"))
         };
         fn set<T>(slot: &mut Option<T>, flag: &str, value: T) -> Result<(), UsageError> {
             if slot.is_some() {
@@ -210,8 +237,8 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
             Ok(())
         }
         match flag.as_str() {
-            "--kernel" => set(&mut kernel, &flag, PathBuf::from(slot_value(&mut args)?))?,
-            "--initrd" => set(&mut initrd, &flag, PathBuf::from(slot_value(&mut args)?))?,
+            "--kernel" => set(&mut kernel, &flag, PathBuf::from(os_value(&mut args)?))?,
+            "--initrd" => set(&mut initrd, &flag, PathBuf::from(os_value(&mut args)?))?,
             "--cmdline" => set(&mut cmdline, &flag, slot_value(&mut args)?)?,
             "--memory" => {
                 let v = slot_value(&mut args)?;
@@ -242,7 +269,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
             "--guest-profile" => set(
                 &mut guest_profile,
                 &flag,
-                PathBuf::from(slot_value(&mut args)?),
+                PathBuf::from(os_value(&mut args)?),
             )?,
             "--null-msr" => {
                 let v = slot_value(&mut args)?;
@@ -309,7 +336,7 @@ fn parse_run(args: impl Iterator<Item = String>) -> Result<Command, UsageError> 
                     .ok_or_else(|| bad(&flag, &v, "expected guest nanoseconds per op, > 0"))?;
                 set(&mut ibs_scale, &flag, scale)?
             }
-            _ => return Err(UsageError::UnknownOption(arg)),
+            _ => return Err(UsageError::UnknownOption(flag)),
         }
     }
     let defaults = IbsSettings::default();
@@ -361,6 +388,44 @@ mod tests {
         );
         assert_eq!(config.quirks, QuirkMode::Auto);
         assert!(config.boot.initrd.is_none());
+    }
+
+    #[test]
+    fn paths_need_not_be_utf8_but_everything_else_must() {
+        let bad = || OsString::from(OsStr::from_bytes(b"\xff.elf"));
+        let run = |args: Vec<OsString>| parse(args);
+        let os = |s: &str| OsString::from(s);
+        let Ok(Command::Run { config, .. }) = run(vec![os("run"), os("--kernel"), bad()]) else {
+            panic!("a non-UTF-8 kernel path")
+        };
+        assert_eq!(config.boot.kernel.as_os_str().as_bytes(), b"\xff.elf");
+        let mut inline = b"--initrd=".to_vec();
+        inline.extend_from_slice(b"\xff");
+        let inline = OsString::from(OsStr::from_bytes(&inline));
+        assert!(run(vec![os("run"), os("--kernel"), os("k"), inline]).is_ok());
+        assert_eq!(
+            run(vec![
+                os("run"),
+                os("--kernel"),
+                os("k"),
+                os("--cmdline"),
+                bad()
+            ])
+            .err(),
+            Some(UsageError::BadValue {
+                flag: "--cmdline".into(),
+                value: "\u{fffd}.elf".into(),
+                why: "not valid UTF-8".into()
+            })
+        );
+        assert_eq!(
+            run(vec![bad()]).err(),
+            Some(UsageError::NotUtf8("\u{fffd}.elf".into()))
+        );
+        assert!(matches!(
+            run(vec![os("run"), bad()]),
+            Err(UsageError::NotUtf8(_))
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use ibsvm::vm::Vm;
 
 fn main() -> ExitCode {
     ibsvm::logger::init(std::env::var("IBSVM_LOG").ok().as_deref());
-    let command = match cli::parse(std::env::args().skip(1)) {
+    let command = match cli::parse(std::env::args_os().skip(1)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ibsvm: error: {e}\n(see `ibsvm --help`)");

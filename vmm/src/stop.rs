@@ -86,6 +86,11 @@ pub enum GuestStop {
         /// The device's report.
         report: String,
     },
+    /// ibsvm got SIGINT or SIGTERM: the VM was stopped from outside.
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+    },
     /// The guest crashed.
     Crash {
         /// Which vCPU.
@@ -107,6 +112,8 @@ impl GuestStop {
             Self::Reset(_) | Self::PowerOff | Self::Halted => 0,
             Self::Crash { .. } => EXIT_GUEST_CRASH,
             Self::IbsRace { .. } => EXIT_IBS_RACE,
+            // The shell's convention for a command ended by a signal.
+            Self::Interrupted { signal } => 128u8.wrapping_add(*signal as u8),
         }
     }
 }
@@ -122,6 +129,15 @@ impl fmt::Display for GuestStop {
                 "guest halted every vCPU with interrupts disabled (a halt, or a power-off on this VM without ACPI)"
             ),
             Self::IbsRace { vcpu, report } => write!(f, "vCPU {vcpu}: {report}"),
+            Self::Interrupted { signal } => write!(
+                f,
+                "stopped by {}",
+                match *signal {
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGTERM => "SIGTERM",
+                    _ => "a signal",
+                }
+            ),
             Self::Crash {
                 vcpu,
                 rip,

@@ -2,7 +2,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -528,6 +528,18 @@ impl Vm {
             .try_clone()
             .map_err(host_err("stop eventfd"))?;
         events.add_subscriber(Arc::new(Mutex::new(WakeOnStop(wake))));
+        // SIGINT and SIGTERM stop the VM the normal way, so that --stats and the profile
+        // are still written; a second one ends ibsvm at once (a VM that does not stop).
+        let interrupted = Arc::new(AtomicUsize::new(0));
+        let once = Arc::new(AtomicBool::new(false));
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, once.clone())
+                .and_then(|_| signal_hook::flag::register(signal, once.clone()))
+                .and_then(|_| {
+                    signal_hook::flag::register_usize(signal, interrupted.clone(), signal as usize)
+                })
+                .map_err(host_err("SIGINT/SIGTERM handler"))?;
+        }
         let stdin = StdinForwarder::new(self.shared.devices().serial().clone())
             .map_err(host_err("stdin forwarding"))?;
         events.add_subscriber(Arc::new(Mutex::new(stdin)));
@@ -550,6 +562,13 @@ impl Vm {
         let mut last_round = Instant::now();
         let interval = halt::CHECK_INTERVAL;
         while !self.shared.stopping() {
+            // A signal also cuts the event loop's wait short (EINTR).
+            match interrupted.load(Ordering::Relaxed) {
+                0 => {}
+                signal => self.shared.stop(GuestStop::Interrupted {
+                    signal: signal as i32,
+                }),
+            }
             if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
                 self.shared.fail(format!("event loop: {e:?}"));
             }

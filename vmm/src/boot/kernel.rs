@@ -33,6 +33,16 @@ pub enum KernelError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A FIFO, socket, device or directory: its size is unknown and reading it may block.
+    #[error("{what} {path}: not a regular file ({kind}); give a file")]
+    NotRegularFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// Neither an ELF nor a bzImage.
     #[error("{0}: not a kernel image (neither ELF nor bzImage)")]
     UnknownFormat(PathBuf),
@@ -118,6 +128,36 @@ pub struct LoadedInitrd {
     pub addr: u64,
     /// Size in bytes.
     pub size: u64,
+}
+
+/// Opens the `what` file at `path` for reading, refusing anything but a regular file.
+///
+/// Opened non-blocking, so a FIFO with no writer is refused instead of blocking `open`
+/// (fifo(7)); O_NONBLOCK does not change reads of a regular file.
+fn open_regular(what: &'static str, path: &Path) -> Result<File, KernelError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(what, path))?;
+    let kind = file.metadata().map_err(io_err(what, path))?.file_type();
+    let not = |kind| {
+        Err(KernelError::NotRegularFile {
+            what,
+            path: path.to_owned(),
+            kind,
+        })
+    };
+    match kind {
+        k if k.is_file() => Ok(file),
+        k if k.is_dir() => not("a directory"),
+        k if k.is_fifo() => not("a FIFO or pipe"),
+        k if k.is_char_device() => not("a character device"),
+        k if k.is_block_device() => not("a block device"),
+        k if k.is_socket() => not("a socket"),
+        _ => not("not a file"),
+    }
 }
 
 fn io_err<'a>(
@@ -240,7 +280,7 @@ pub fn load_kernel(
     path: &Path,
     ram_end: u64,
 ) -> Result<LoadedKernel, KernelError> {
-    let mut file = File::open(path).map_err(io_err("kernel", path))?;
+    let mut file = open_regular("kernel", path)?;
     let mut head = Vec::with_capacity(4096);
     (&mut file)
         .take(4096)
@@ -316,7 +356,7 @@ pub fn load_initrd(
     kernel_end: u64,
     ram_end: u64,
 ) -> Result<LoadedInitrd, KernelError> {
-    let mut file = File::open(path).map_err(io_err("initrd", path))?;
+    let mut file = open_regular("initrd", path)?;
     let size = file.metadata().map_err(io_err("initrd", path))?.len();
     let addr =
         initrd_placement(size, kernel_end, ram_end).ok_or_else(|| KernelError::InitrdTooLarge {
@@ -337,6 +377,30 @@ pub fn load_initrd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = std::env::temp_dir().join(format!("ibsvm-kernel-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path `c`, which lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO or pipe"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.as_path(), "a directory"),
+        ] {
+            match open_regular("initrd", path) {
+                Err(KernelError::NotRegularFile { kind: k, .. }) => assert_eq!(k, kind),
+                other => panic!("{path:?}: {other:?}"),
+            }
+        }
+        let file = dir.join("file");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(open_regular("kernel", &file).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn formats_are_recognised_by_magic() {

@@ -38,8 +38,54 @@ impl SerialEvents for RxSpace {
     }
 }
 
+/// Where the guest's console output goes: stdout, until writing it fails (a closed pipe,
+/// a full disk). Then one warning, and the rest of the output is discarded: the guest keeps
+/// running, and ibsvm does not warn once per byte.
+#[derive(Debug)]
+pub struct ConsoleOut<W> {
+    out: W,
+    failed: bool,
+}
+
+impl<W: Write> ConsoleOut<W> {
+    fn new(out: W) -> Self {
+        Self { out, failed: false }
+    }
+
+    /// Swallows `result`'s error after warning about the first one.
+    fn keep_going<T>(&mut self, result: io::Result<T>, done: T) -> io::Result<T> {
+        match result {
+            Err(e) if !self.failed => {
+                self.failed = true;
+                log::warn!("console output: {e}; discarding the guest's further console output");
+                Ok(done)
+            }
+            Err(_) => Ok(done),
+            ok => ok,
+        }
+    }
+}
+
+impl<W: Write> Write for ConsoleOut<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.failed {
+            return Ok(buf.len());
+        }
+        let result = self.out.write(buf);
+        self.keep_going(result, buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        let result = self.out.flush();
+        self.keep_going(result, ())
+    }
+}
+
 /// The console UART.
-pub type ConsoleSerial = Serial<IrqLine, RxSpace, Stdout>;
+pub type ConsoleSerial = Serial<IrqLine, RxSpace, ConsoleOut<Stdout>>;
 
 /// The UART shared between vCPU threads (register access) and the event loop (stdin).
 pub type SharedSerial = Arc<Mutex<ConsoleSerial>>;
@@ -50,7 +96,7 @@ pub fn console(irq: EventFd) -> io::Result<SharedSerial> {
     Ok(Arc::new(Mutex::new(Serial::with_events(
         IrqLine(irq),
         rx_space,
-        io::stdout(),
+        ConsoleOut::new(io::stdout()),
     ))))
 }
 
@@ -144,5 +190,34 @@ impl MutEventSubscriber for StdinForwarder {
 pub fn flush_console(serial: &SharedSerial) {
     if let Ok(mut s) = serial.lock() {
         let _ = s.writer_mut().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that fails every call and counts them.
+    struct Broken(u32);
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.0 += 1;
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0 += 1;
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_failed_console_is_given_up_after_one_try() {
+        let mut out = ConsoleOut::new(Broken(0));
+        for _ in 0..100 {
+            assert_eq!(out.write(b"x").unwrap(), 1);
+        }
+        out.flush().unwrap();
+        assert_eq!(out.out.0, 1, "the broken stdout was written once");
     }
 }
