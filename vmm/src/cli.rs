@@ -55,15 +55,18 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
                         a CTL never leaves Val set, so a guest without Linux fix
                         1b044ff3c17e can never see a stale IbsOpVal. faithful: a
                         written Val is kept, as hardware does (reproduces the race)
-  --ibs-race-check MODE off|warn|fail (default off; faithful policy only): report a
-                        guest enabling a unit from its NMI handler after reading a
-                        stale Val; fail ends the VM with status 121
+  --ibs-race-check MODE off|warn|fail (default off): report a guest enabling a unit
+                        from its NMI handler after reading a stale Val; fail ends the
+                        VM with status 121. With --ibs-policy faithful it catches the
+                        race; with protect (the default, logged) it checks that the
+                        protection holds, and stays silent. Needs IBS (not --ibs off)
   --ibs-seed N          seed of the synthetic sampler (deterministic samples)
   --ibs-scale NS        synthetic sampler: guest nanoseconds per counted op or cycle
                         (default 1.0: a period of MaxCnt*16 ops lasts that many ns of
                         guest run time: the vCPU thread's CPU time in KVM_RUN, less
                         the host's cost of exits, those the guest's own instructions
-                        caused and those KVM handled itself; on CPL0-emulating hosts, time the vCPU spends in emulated
+                        caused and those KVM handled itself; on CPL0-emulating
+                        hosts, time the vCPU spends in emulated
                         kernel code counts 1/1000)
 
 Benchmarking:
@@ -133,6 +136,16 @@ pub enum UsageError {
     /// A flag given twice.
     #[error("option `{0}` given twice")]
     Repeated(String),
+    /// Two options that cannot work together.
+    #[error("`{flag}` cannot be used with `{with}`: {why}")]
+    Conflict {
+        /// The option refused.
+        flag: String,
+        /// The option it conflicts with.
+        with: String,
+        /// Why.
+        why: &'static str,
+    },
     /// A command or option name that is not UTF-8 (shown with replacement characters).
     #[error("argument `{0}` is not valid UTF-8")]
     NotUtf8(String),
@@ -339,6 +352,22 @@ fn parse_run(args: impl Iterator<Item = OsString>) -> Result<Command, UsageError
             _ => return Err(UsageError::UnknownOption(flag)),
         }
     }
+    if ibs_mode == Some(IbsMode::Off) {
+        let set = [
+            ("--ibs-caps", ibs_caps.is_some()),
+            ("--ibs-policy", ibs_policy.is_some()),
+            ("--ibs-race-check", ibs_race.is_some()),
+            ("--ibs-seed", ibs_seed.is_some()),
+            ("--ibs-scale", ibs_scale.is_some()),
+        ];
+        if let Some((flag, _)) = set.into_iter().find(|(_, given)| *given) {
+            return Err(UsageError::Conflict {
+                flag: flag.into(),
+                with: "--ibs off".into(),
+                why: "there is no virtual IBS to configure",
+            });
+        }
+    }
     let defaults = IbsSettings::default();
     let ibs = IbsSettings {
         mode: ibs_mode.unwrap_or(defaults.mode),
@@ -388,6 +417,24 @@ mod tests {
         );
         assert_eq!(config.quirks, QuirkMode::Auto);
         assert!(config.boot.initrd.is_none());
+    }
+
+    #[test]
+    fn ibs_options_need_ibs() {
+        for flag in [
+            "--ibs-caps=zen4",
+            "--ibs-policy=faithful",
+            "--ibs-race-check=warn",
+            "--ibs-seed=1",
+            "--ibs-scale=2",
+        ] {
+            let err = p(&["run", "--kernel", "k", "--ibs", "off", flag]).unwrap_err();
+            assert!(
+                matches!(&err, UsageError::Conflict { flag: f, .. } if flag.starts_with(f.as_str())),
+                "{flag}: {err}"
+            );
+        }
+        assert!(p(&["run", "--kernel", "k", "--ibs", "off"]).is_ok());
     }
 
     #[test]

@@ -80,9 +80,9 @@ pub struct VmConfig {
 pub const PROFILE_INTERVAL_NS: u64 = 1_000_000;
 
 /// Writes the profile: a header, then one `vcpu rip` line (hexadecimal RIP) per sample.
-fn write_profile(path: &Path, profiles: &[Vec<u64>]) -> std::io::Result<()> {
+fn write_profile(file: &std::fs::File, profiles: &[Vec<u64>]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut out = std::io::BufWriter::new(file);
     writeln!(
         out,
         "# ibsvm guest profile: vcpu rip, one sample per {} us of vCPU run time",
@@ -144,7 +144,7 @@ pub enum VmError {
     /// Bad synthetic-source settings.
     #[error(transparent)]
     Synthetic(#[from] vpmu::SyntheticError),
-    /// Writing the `--guest-profile` file failed.
+    /// Creating or writing the `--guest-profile` file failed.
     #[error("cannot write the guest profile {path}: {source}")]
     Profile {
         /// The file.
@@ -262,7 +262,9 @@ pub struct RunReport {
 /// A VM ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    guest_profile: Option<PathBuf>,
+    /// `--guest-profile`: created before the guest runs, so that a path that cannot be
+    /// written is an error up front, not after the whole run.
+    guest_profile: Option<(PathBuf, std::fs::File)>,
     shared: Arc<VmShared>,
     vcpus: Vec<Vcpu>,
     started: Instant,
@@ -358,6 +360,18 @@ impl Vm {
         if spec.cpus == 0 || spec.cpus > boot::mptable::MAX_CPUS {
             return Err(VmError::CpuCount(spec.cpus));
         }
+        let guest_profile = config
+            .guest_profile
+            .as_ref()
+            .map(|path| {
+                std::fs::File::create(path)
+                    .map(|file| (path.clone(), file))
+                    .map_err(|source| VmError::Profile {
+                        path: path.clone(),
+                        source,
+                    })
+            })
+            .transpose()?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, why) in REQUIRED_CAPS {
             if !kvm.check_extension(*cap) {
@@ -413,6 +427,12 @@ impl Vm {
             log::info!("{note}");
         }
         let ibs_on = ibs_backend != IbsBackend::Off;
+        if ibs_on
+            && config.ibs.race_check != vpmu::RaceCheck::Off
+            && config.ibs.policy == vpmu::Policy::Protect
+        {
+            log::info!("--ibs-race-check under --ibs-policy protect: the race cannot happen, so the check verifies the protection and should stay silent (--ibs-policy faithful reproduces it)");
+        }
         install_msr_filter(&kvm, &vm, ibs_on, emulated_cpl0, config.null_msr)?;
 
         let kernel = boot::load_kernel(&mem, spec)?;
@@ -502,7 +522,7 @@ impl Vm {
         boot::write_boot_data(&mem, spec, &kernel, &cmdline)?;
         Ok(Self {
             _kvm: kvm,
-            guest_profile: config.guest_profile.clone(),
+            guest_profile,
             shared,
             vcpus,
             started,
@@ -596,8 +616,8 @@ impl Vm {
             }
         }
         serial::flush_console(self.shared.devices().serial());
-        if let Some(path) = &self.guest_profile {
-            write_profile(path, &profiles).map_err(|source| VmError::Profile {
+        if let Some((path, file)) = &self.guest_profile {
+            write_profile(file, &profiles).map_err(|source| VmError::Profile {
                 path: path.clone(),
                 source,
             })?;
