@@ -75,19 +75,23 @@ NESTED_PASSING := 'testkernel=test:testkernel --skip echo_without_input_fails' \
 ## pinned Debian kernel and its kvm_amd) under QEMU's software emulator with SVM and
 ## nested paging runs the same test executables (guest-images/nested/README.md).
 test-nested: build images
-	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix
+	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix --bin ibs-clock
 	python3 guest-images/nested/l1.py --timeout 900 --deadline 2400 $(NESTED_SUITE)
 
 ## make stress-nested: `make stress` inside that L1 host.
 stress-nested: build images
-	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix
+	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix --bin ibs-clock
 	python3 guest-images/nested/l1.py 'stress=target/release/race-matrix --stress'
 
 ## make bench: vpmu_rdmsr_ns, vpmu_wrmsr_ns (the device alone) and ibs_msr_exit_ratio
 ## (a guest's trapped IBS RDMSR against a trapped MSR with no device; fails above its
-## target, 1.05).
-bench: build testkernel
+## target, 1.05); ibs_clock_error_pct (the synthetic sampler's clock against a known guest
+## loop) on this host and on the nested SVM host.
+bench: build images
 	$(CARGO) bench --locked -p vpmu -p ibsvm-tests
+	$(CARGO) build --release --locked -p ibsvm-tests --bin ibs-clock --bin race-matrix
+	target/release/ibs-clock
+	python3 guest-images/nested/l1.py --timeout 300 --deadline 900 'ibs-clock=target/release/ibs-clock'
 
 ## make race-matrix: the stale-IbsOpVal race, {prefix, fixed} start path x {protect,
 ## faithful} policy, on the race test kernel; prints a table, exits 0 only if every cell is

@@ -79,7 +79,8 @@ APPLETS = "sh mount insmod cat echo poweroff sleep kill grep uname date sync sed
 MARK = "@@nested"
 
 # What in L1's own output (not a command's) means the environment itself failed.
-L1_FAILURE_MARKS = ("Kernel panic", "BUG:", "Oops", "WARNING:", "@@nested error", "@@nested timeout")
+L1_FAILURE_MARKS = ("Kernel panic", "BUG:", "Oops", "WARNING:", "@@nested error", "@@nested timeout",
+                    "@@nested stuck")
 
 
 class NestedError(Exception):
@@ -235,9 +236,11 @@ class Result:
 
 
 def run_qemu(vmlinuz: Path, cpio: Path, accel: str, cpu: str, memory_mb: int, smp: int,
-             deadline_s: int, log: Path) -> tuple[dict[str, Result], bool, list[str]]:
+             deadline_s: int, timeout_s: int, log: Path) -> tuple[dict[str, Result], bool, list[str]]:
     """Boots L1 and streams its console; returns each command's result, whether /init
-    finished, and the console lines."""
+    finished, and the console lines. A command still running a minute past its timeout
+    means L1 itself is stuck (its own watchdog would have ended the command): L1 is
+    killed."""
     cmd = [
         "qemu-system-x86_64", "-accel", accel, "-cpu", cpu, "-m", str(memory_mb),
         "-smp", str(smp), "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -253,11 +256,18 @@ def run_qemu(vmlinuz: Path, cpio: Path, accel: str, cpu: str, memory_mb: int, sm
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     buf = b""
-    with log.open("w") as f:
+    running: tuple[str, float] | None = None  # the command in progress, since when
+    with log.open("a") as f:
         while True:
-            if time.monotonic() - start > deadline_s:
+            now = time.monotonic()
+            if now - start > deadline_s:
                 proc.kill()
-                lines.append(f"[nested] L1 killed after {deadline_s} s")
+                lines.append(f"{MARK} stuck: L1 killed after its deadline, {deadline_s} s")
+                break
+            if running and now - running[1] > timeout_s + 60:
+                proc.kill()
+                lines.append(f"{MARK} stuck: L1 gave no sign of life for {running[0]} in "
+                             f"{timeout_s + 60} s; killed")
                 break
             if not sel.select(timeout=1.0):
                 if proc.poll() is not None:
@@ -278,7 +288,9 @@ def run_qemu(vmlinuz: Path, cpio: Path, accel: str, cpu: str, memory_mb: int, sm
                 if words[:1] == [MARK] and len(words) >= 2:
                     if words[1] == "begin" and len(words) >= 3:
                         results[words[2]] = Result(words[2])
+                        running = (words[2], time.monotonic())
                     elif words[1] == "end" and len(words) >= 5:
+                        running = None
                         r = results.setdefault(words[2], Result(words[2]))
                         r.rc = int(words[3].removeprefix("rc="))
                         r.seconds = float(words[4].removesuffix("s"))
@@ -301,6 +313,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--smp", type=int, default=2, help="L1 CPUs (default 2)")
     ap.add_argument("--timeout", type=int, default=1800, help="per command, seconds (default 1800)")
     ap.add_argument("--deadline", type=int, default=3600, help="whole L1 run, seconds (default 3600)")
+    ap.add_argument("--boots", type=int, default=3,
+                    help="L1 boots at most: after an L1 failure (kernel panic, BUG, a stuck CPU) "
+                    "the commands it cut short run again in a fresh L1 (default 3)")
     ap.add_argument("--file", action="append", default=[], type=Path,
                     help="another file to copy into L1 at its path (repeatable)")
     ap.add_argument("suite", nargs="+", metavar="SUITE")
@@ -316,7 +331,7 @@ def main(argv: list[str]) -> int:
         suite = parse_suite(args.suite, by_target)
         release = REPO / "target" / "release"
         images = HERE.parent / "out"
-        payload = [release / "ibsvm", release / "race-matrix"]
+        payload = [release / "ibsvm", release / "race-matrix", release / "ibs-clock"]
         payload += [images / n for n in ("testkernel.elf", "testkernel.bzImage")]
         payload += [images / "linux" / n for n in ("vmlinux", "initramfs.cpio")]
         payload += [HERE.parent / "linux" / "cmdline"]
@@ -325,31 +340,49 @@ def main(argv: list[str]) -> int:
         missing = [p for p in payload if not p.is_file()]
         if missing:
             raise NestedError(f"missing: {', '.join(map(str, missing))} (run `make build images` first)")
-        cpio = build_initramfs(modules, busybox, payload, suite, args.timeout)
+        (OUT / "console.log").unlink(missing_ok=True)
+        results: dict[str, Result] = {}
+        l1_failures: list[str] = []
         started = time.monotonic()
-        results, done, lines = run_qemu(vmlinuz, cpio, args.accel, args.cpu, args.memory, args.smp,
-                                        args.deadline, OUT / "console.log")
+        for boot in range(1, args.boots + 1):
+            todo = [c for c in suite if c.name not in results]
+            cpio = build_initramfs(modules, busybox, payload, todo, args.timeout)
+            got, done, lines = run_qemu(vmlinuz, cpio, args.accel, args.cpu, args.memory,
+                                        args.smp, args.deadline, args.timeout, OUT / "console.log")
+            # Lines without the "| " of command output are L1's own (kernel, /init).
+            broken = [line for line in lines if not line.startswith("| ")
+                      and any(m in line for m in L1_FAILURE_MARKS)]
+            finished = {n: r for n, r in got.items() if r.rc is not None}
+            results.update(finished)
+            if done and not broken:
+                break
+            cut = [c.name for c in todo if c.name not in finished]
+            why = broken[0] if broken else "L1 /init did not finish"
+            l1_failures.append(f"boot {boot}: {why} (unfinished: {' '.join(cut) or 'none'})")
+            step(f"L1 failed in boot {boot} of at most {args.boots}: {why}")
+            for line in broken[1:4]:
+                step(f"L1: {line}")
+            if not cut:
+                # Nothing to run again: an L1 complaint while the commands ran fails the run.
+                l1_failures[-1] += " - not retried"
+                break
         wall = time.monotonic() - started
     except NestedError as e:
         print(f"[nested] ERROR: {e}", file=sys.stderr)
         return 2
-    step(f"L1 ran {wall:.0f} s; console in {OUT / 'console.log'}")
-    ok = done
+    step(f"L1 ran {wall:.0f} s in {boot} boot(s); console in {OUT / 'console.log'}")
+    ok = True
     for c in suite:
         r = results.get(c.name)
-        if r is None or r.rc is None:
+        if r is None:
             step(f"{c.name}: did not finish")
             ok = False
         else:
             step(f"{c.name}: exit {r.rc} after {r.seconds:.0f} s")
             ok &= r.rc == 0
-    for line in lines:
-        # Lines without the "| " of command output are L1's own (kernel, /init).
-        if not line.startswith("| ") and any(m in line for m in L1_FAILURE_MARKS):
-            step(f"L1: {line}")
-            ok = False
-    if not done:
-        step("L1 /init did not finish the suite")
+    for failure in l1_failures:
+        step(f"L1 failure: {failure}")
+        ok &= not failure.endswith("not retried")
     step("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

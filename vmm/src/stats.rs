@@ -48,11 +48,14 @@ pub struct RunStats {
     pub exits: Counters,
     /// Wall time from start-up to the end of the VM.
     pub wall: Duration,
+    /// The guest's TSC rate (KVM_GET_TSC_KHZ), to turn guest TSC readings into time.
+    pub guest_tsc_khz: u32,
 }
 
 impl fmt::Display for RunStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "ibsvm stats: wall time {:.3} s", self.wall.as_secs_f64())?;
+        writeln!(f, "ibsvm stats: guest tsc_khz {}", self.guest_tsc_khz)?;
         writeln!(f, "ibsvm stats: exits total {}", self.exits.total("exit."))?;
         for (name, count) in &self.exits.0 {
             writeln!(f, "ibsvm stats: {name} {count}")?;
@@ -79,9 +82,11 @@ mod tests {
         let s = RunStats {
             exits: a,
             wall: Duration::from_millis(1500),
+            guest_tsc_khz: 2_300_000,
         }
         .to_string();
         assert!(s.contains("wall time 1.500 s"));
+        assert!(s.contains("guest tsc_khz 2300000"));
         assert!(s.contains("exits total 3"));
         assert!(s.contains("completed.int3 1"));
     }

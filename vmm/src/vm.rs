@@ -268,6 +268,7 @@ pub struct Vm {
     shared: Arc<VmShared>,
     vcpus: Vec<Vcpu>,
     started: Instant,
+    guest_tsc_khz: u32,
 }
 
 /// The command line the guest gets: the user's, plus what a CPL0-emulating host needs for a
@@ -510,9 +511,10 @@ impl Vm {
             };
             log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences/xgetbv/xsave/xrstor and routing system calls in ibsvm{params}");
         }
+        let guest_tsc_khz = vcpus[0].tsc_khz()?;
         let cmdline = match (config.linux_tsc_scale, kernel.is_linux) {
             (scale @ 2.., true) => {
-                let khz = vcpus[0].tsc_khz()?;
+                let khz = guest_tsc_khz;
                 let param = format!("tsc_early_khz={}", u64::from(khz) * u64::from(scale));
                 log::info!("--linux-tsc-scale {scale}: appended {param} (guest timers fire {scale}x later in wall time)");
                 format!("{cmdline} {param}")
@@ -526,6 +528,7 @@ impl Vm {
             shared,
             vcpus,
             started,
+            guest_tsc_khz,
         })
     }
 
@@ -625,6 +628,7 @@ impl Vm {
         let stats = RunStats {
             exits,
             wall: self.started.elapsed(),
+            guest_tsc_khz: self.guest_tsc_khz,
         };
         let end = self.shared.end.lock().ok().and_then(|mut e| e.take());
         match end {

@@ -377,6 +377,10 @@
 /* CPL3 waits, counted in iterations of a 4-instruction loop (native at CPL3:
  * well under 1 ns each), so 4G iterations is a few seconds at most. */
 #define IBS_USER_WAIT_LOOPS 4000000000
+/* ibs-clock (make bench): ~0.1-0.2 s of spinning at CPL3 natively, sampled
+ * at 0x1000 * 16 ns = 65 us, the period Linux's perf uses by default. */
+#define IBS_CLOCK_LOOPS     200000000
+#define IBS_CLOCK_MAXCNT    0x1000
 #define IBS_MASKED_SPIN_LOOPS 40000000  /* ibs-eilvt: ~10 ms at CPL3, >> one period */
 #define IBS_DEMO_B_LOOPS    1000000     /* hot_b inner loop per round (~0.2 ms) */
 #define IBS_DEMO_A_LOOPS    3000000     /* hot_a: three times hot_b */

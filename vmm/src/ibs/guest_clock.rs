@@ -31,8 +31,9 @@
 //! kernel's local APIC and timer MSR writes, nested page faults, interrupt windows; KVM's
 //! own per-vCPU count tells how many, see `crate::vcpu::kvm_exits`). Each is as expensive
 //! as a guest-caused exit, and a guest kernel's timer tick makes several: each is charged
-//! what such an exit typically costs (the median of recent ones), and so is the exit a
-//! kick's signal ended the run with.
+//! what such an exit typically costs (the median of recent ones). (A run the kick
+//! timer ended is passed in only up to the timer's expiry: the signal's delivery and the
+//! exit after it are the host's.)
 //!
 //! On hosts whose KVM emulates guest CPL0 code, runs that entered or left at CPL0 count
 //! `1/cpl0_divisor` of what remains (see [`GuestClock::account`]).
@@ -137,12 +138,6 @@ impl GuestClock {
     /// What one exit typically costs on this host (0 before the first guest-caused exit).
     fn typical_exit_cost(&self) -> u64 {
         self.guest_exit.estimate.map_or(0, |e| e.typical)
-    }
-
-    /// The shortest run worth a kick: one that, beyond the dead zone and the cost of the
-    /// kick's own exit, leaves the guest time to run.
-    pub fn min_kick_run(&self) -> u64 {
-        self.exit_cost() + self.typical_exit_cost()
     }
 
     /// The divisor for emulated CPL0 time (1 on hosts that run CPL0 natively).

@@ -229,6 +229,7 @@ mod tests {
         let report = crate::stats::RunStats {
             exits: counters(&ibs),
             wall: Duration::ZERO,
+            guest_tsc_khz: 0,
         }
         .to_string();
         assert!(report.contains("ibs.msr_exits"), "{report}");

@@ -141,7 +141,7 @@ impl VcpuIbs {
     /// kernel with the deadline not reached, up to the divisor (about log2(divisor) kicks
     /// per period instead of `divisor`); it falls back to 1 at the first exit in user mode.
     ///
-    /// Never sooner than an exit costs on this host ([`GuestClock::min_kick_run`]): a timer
+    /// Never sooner than an exit costs on this host ([`GuestClock::exit_cost`]): a timer
     /// that fires sooner mostly stops the guest while KVM is still entering it, where the
     /// last exit left it, and the clock counts such a run after a guest-caused exit as no
     /// guest time (so that no sample lands on the instruction after the guest's own IBS
@@ -159,7 +159,7 @@ impl VcpuIbs {
             .into_iter()
             .chain(retry)
             .min()
-            .map(|ns| ns.max(self.clock.min_kick_run()))
+            .map(|ns| ns.max(self.clock.exit_cost()))
     }
 
     /// Adds one KVM_RUN of `ns` CPU nanoseconds to the guest clock; `kicked` says whether
@@ -497,9 +497,8 @@ mod tests {
             ibs.account_run(150_000, false, true, 0);
         }
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        // 65.5 µs of the period remain, but the timer waits for the guest to run: beyond
-        // the dead zone and the kick's own exit.
-        assert_eq!(ibs.deadline_in(true), Some(300_000));
+        // 65.5 µs of the period remain, but the timer waits for the guest to run.
+        assert_eq!(ibs.deadline_in(true), Some(150_000));
     }
 
     #[test]

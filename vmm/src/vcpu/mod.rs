@@ -119,6 +119,8 @@ pub struct Vcpu {
     kicked: bool,
     /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
     timer: Option<KickTimer>,
+    /// What the timer was armed for at the last entry (wall ns), if it was.
+    armed_ns: Option<u64>,
     /// The last [`halt::HaltWatch`] round this vCPU reported in.
     halt_round: u64,
     /// Where the guest's CPUID places each XSAVE component (for completed XSAVE/XRSTOR).
@@ -160,6 +162,7 @@ impl Vcpu {
             cpl: 0,
             kicked: false,
             timer: None,
+            armed_ns: None,
             halt_round: 0,
             xsave_layout: Layout::default(),
         }
@@ -247,7 +250,8 @@ impl Vcpu {
         let entering_user = self.cpl == 3;
         let ibs = self.ibs.as_ref().and_then(|i| i.deadline_in(entering_user));
         let profile = self.profiler.as_ref().map(|p| p.due_in(self.run_ns));
-        match ibs.into_iter().chain(profile).min() {
+        self.armed_ns = ibs.into_iter().chain(profile).min();
+        match self.armed_ns {
             Some(ns) => {
                 let timer = match &mut self.timer {
                     Some(t) => t,
@@ -465,19 +469,18 @@ impl Vcpu {
             })?,
             None => 0,
         };
-        // All but an exit that brought the guest's own instruction to ibsvm. A kick's
-        // signal ends the run at an exit KVM counts (the host interrupt that delivered
-        // it, or one KVM was handling when it arrived): host work too.
         let interrupted = match &result {
             Ok(VcpuExit::Intr) => true,
             Err(e) => e.errno() == libc::EINTR || e.errno() == libc::EAGAIN,
             Ok(_) => false,
         };
-        self.last_run_kvm_exits = if interrupted {
-            exits
-        } else {
-            exits.saturating_sub(1)
-        };
+        // All but the exit that ended the run (none if a kick stopped it before entry).
+        self.last_run_kvm_exits = exits.saturating_sub(1);
+        // A run the kick timer ended lasted, for the guest, until the timer fired: what
+        // follows is the host delivering the signal and leaving the guest.
+        if interrupted {
+            self.last_run_ns = ran.min(self.armed_ns.unwrap_or(u64::MAX));
+        }
         self.counters
             .add("kvm.handled_exits", self.last_run_kvm_exits);
         let local: &mut dyn VcpuDevices = match &mut self.ibs {
