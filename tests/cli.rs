@@ -215,6 +215,53 @@ fn a_closed_console_gets_one_warning() {
 }
 
 #[test]
+fn images_whose_headers_lie_are_refused_at_once() {
+    require_kvm();
+    let refused = |name: &str, bytes: &[u8], field: &str| {
+        let path = scratch(name, bytes);
+        let run = ibsvm(&["run", "--kernel", path.to_str().unwrap()], DEADLINE);
+        assert_error(&run, 1, &format!("{name}: {field}"));
+        assert!(run.elapsed < Duration::from_secs(1), "{run}");
+    };
+    let bz = std::fs::read(image("testkernel.bzImage")).unwrap();
+    refused("half.bzImage", &bz[..bz.len() / 2], "syssize");
+    refused("setup-only.bzImage", &bz[..1024], "syssize");
+
+    let elf = std::fs::read(image("testkernel.elf")).unwrap();
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let phoff = u64_at(&elf, 32) as usize;
+    // The first program header is the first PT_LOAD of the test kernel.
+    assert_eq!(&elf[phoff..phoff + 4], &1u32.to_le_bytes(), "PT_LOAD first");
+    let patched = |at: usize, value: u64| {
+        let mut e = elf.clone();
+        e[phoff + at..phoff + at + 8].copy_from_slice(&value.to_le_bytes());
+        e
+    };
+    let memsz = u64_at(&elf, phoff + 40);
+    refused(
+        "filesz.elf",
+        &patched(32, memsz + 1),
+        "program header 0 (PT_LOAD): p_filesz",
+    );
+    refused(
+        "low.elf",
+        &patched(24, 0x7000),
+        "program header 0 (PT_LOAD): p_paddr 0x7000",
+    );
+    refused(
+        "huge.elf",
+        &patched(40, 1 << 40),
+        "program header 0 (PT_LOAD): p_paddr",
+    );
+    let mut no_load = elf.clone();
+    no_load[56..58].copy_from_slice(&0u16.to_le_bytes()); // e_phnum
+    refused("noload.elf", &no_load, "program headers: no PT_LOAD");
+    let mut entry = elf.clone();
+    entry[24..32].copy_from_slice(&(64u64 << 20).to_le_bytes());
+    refused("entry.elf", &entry, "e_entry");
+}
+
+#[test]
 fn files_that_are_not_kernels() {
     require_kvm();
     let text = scratch("notes.txt", b"this is not a kernel\n");

@@ -84,8 +84,11 @@ Exit status:
   121 if --ibs-race-check fail caught the guest in the IBS race; 130 or 143 if
   SIGINT or SIGTERM stopped the VM (--stats and --guest-profile are still
   written; a second signal ends ibsvm at once); 1 if ibsvm failed; 2 usage
-  error. Kernel and initrd must be regular files; only paths may be other
-  than UTF-8. If writing the console fails (a closed pipe), ibsvm warns once
+  error. Kernel and initrd must be regular files, and a kernel's headers
+  must describe what the file holds (ELF PT_LOAD segments in the file, in
+  RAM above 1 MiB, not overlapping, the entry in code; a bzImage's setup and
+  payload sizes), else one error line names the field before the guest
+  runs; only paths may be other than UTF-8. If writing the console fails (a closed pipe), ibsvm warns once
   and discards the rest of the guest's console output.
 ";
 

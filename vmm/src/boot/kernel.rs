@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::setup_header;
@@ -9,6 +10,7 @@ use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::image_check::{self, BzImageSizes, ImageFault};
 use crate::layout::{HIGH_MEMORY, MMIO_HOLE_START};
 
 /// What kind of kernel image a file holds.
@@ -42,6 +44,14 @@ pub enum KernelError {
         path: PathBuf,
         /// What it is instead.
         kind: &'static str,
+    },
+    /// The image's headers describe something that cannot be loaded or entered.
+    #[error("{path}: {fault}")]
+    BadImage {
+        /// The file.
+        path: PathBuf,
+        /// The field at fault, and why.
+        fault: ImageFault,
     },
     /// Neither an ELF nor a bzImage.
     #[error("{0}: not a kernel image (neither ELF nor bzImage)")]
@@ -294,9 +304,25 @@ pub fn load_kernel(
     };
     file.seek(SeekFrom::Start(0))
         .map_err(io_err("kernel", path))?;
+    let file_len = file.metadata().map_err(io_err("kernel", path))?.len();
+    let bad_image = |fault| KernelError::BadImage {
+        path: path.to_owned(),
+        fault,
+    };
     let loaded = match format {
         ImageFormat::Elf => {
             check_elf_header(path, &head)?;
+            let header = image_check::elf_header(&head).map_err(bad_image)?;
+            let (at, len) = image_check::program_headers_span(&header);
+            let mut table = vec![0u8; len as usize];
+            file.read_exact_at(&mut table, at).map_err(|_| {
+                bad_image(ImageFault {
+                    field: "e_phoff".into(),
+                    why: format!("the program header table ({len:#x} bytes at {at:#x}) runs past the end of the file"),
+                })
+            })?;
+            image_check::check_elf_segments(&header, &table, file_len, HIGH_MEMORY, ram_end)
+                .map_err(bad_image)?;
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(load_err)?;
             LoadedKernel {
@@ -308,6 +334,18 @@ pub fn load_kernel(
             }
         }
         ImageFormat::BzImage => {
+            // Boot protocol offsets (boot.rst): setup_sects 0x1f1, syssize 0x1f4,
+            // init_size 0x260; `head` holds the first 4 KiB (detect_format saw "HdrS").
+            let u32_at = |at: usize| {
+                head.get(at..at + 4)
+                    .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            };
+            let sizes = BzImageSizes {
+                setup_sects: head.get(0x1f1).copied().unwrap_or(0),
+                syssize: u32_at(0x1f4),
+                init_size: u32_at(0x260),
+            };
+            image_check::check_bzimage_sizes(sizes, file_len).map_err(bad_image)?;
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(load_err)?;
             let hdr = r

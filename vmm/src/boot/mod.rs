@@ -2,6 +2,7 @@
 //! kernel, initramfs, command line, zero page with e820, MP table, GDT and page tables.
 
 pub mod cpu;
+pub mod image_check;
 pub mod kernel;
 pub mod mptable;
 pub mod zero_page;
