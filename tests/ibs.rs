@@ -206,8 +206,8 @@ fn demo_shows_where_the_samples_landed() {
         demo_count(&run, "elsewhere"),
     );
     assert_eq!(a + b + elsewhere, 200, "{run}");
-    // hot_a does three times hot_b's work.
-    assert!(b > 0 && a > b, "{run}");
+    // hot_a does three times hot_b's work: 1.8x to 6x, about ±3.5 σ of ~200 samples.
+    assert!(b > 0 && 5 * a >= 9 * b && a <= 6 * b, "{run}");
     assert!(a + b >= 180, "{run}");
     assert_eq!(stat(&run, "ibs.nmis_injected"), 200, "{run}");
 }
