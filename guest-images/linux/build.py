@@ -137,6 +137,9 @@ class Package:
     version: str
     arch: str
     sha256: str
+    # A metapackage whose first dependency names this package (the kernel's ABI changes
+    # its name): what the mirror's current version is found from.
+    track: str | None = None
 
     @property
     def deb_name(self) -> str:
@@ -147,7 +150,8 @@ class Package:
 def load_manifest() -> tuple[dict, list[Package]]:
     m = json.loads(MANIFEST.read_text())
     pkgs = [
-        Package(role, p["name"], p["version"], p.get("arch", "amd64"), p["sha256"].lower())
+        Package(role, p["name"], p["version"], p.get("arch", "amd64"), p["sha256"].lower(),
+                p.get("track"))
         for role, p in m["packages"].items()
     ]
     return m, pkgs
@@ -164,18 +168,41 @@ def apt_get_download(pkg: Package, dest: Path) -> subprocess.CompletedProcess:
     return run(cmd + [f"{pkg.name}={pkg.version}"], cwd=dest)
 
 
-def pin_gone_message(pkg: Package, detail: str) -> str:
-    return (
-        f"pinned package {pkg.name}={pkg.version} is not available from the Debian mirror "
-        f"({detail.strip().splitlines()[-1] if detail.strip() else 'apt-get download failed'}).\n"
-        "Debian keeps only the newest kernel in bookworm-security, so pins go stale after each "
-        "kernel security update. Update the pins:\n"
-        "    python3 guest-images/linux/build.py --update-pins\n"
-        "then review and commit guest-images/linux/manifest.json (and README.md's versions)."
-    )
+def current(pkg: Package) -> Package:
+    """The mirror's current version of `pkg` (for a tracked kernel, the package its
+    metapackage names now), with the SHA256 from apt's index, whose Release file apt
+    verified against Debian's archive keys at `apt-get update`."""
+    name = pkg.name
+    if pkg.track:
+        deps = apt_show(pkg.track, candidate(pkg.track)).get("Depends", "")
+        name = deps.split(",")[0].split("(")[0].strip()
+    version = candidate(name)
+    sha = apt_show(name, version).get("SHA256", "").lower()
+    if not sha:
+        raise BuildError(f"apt's index has no SHA256 for {name}={version}")
+    return Package(pkg.role, name, version, pkg.arch, sha, pkg.track)
 
 
-def fetch(pkg: Package) -> Path:
+def fetch(pkg: Package) -> tuple[Package, Path]:
+    """The .deb of `pkg` with the pinned sha256 (cached, or downloaded), and `pkg`. When
+    the mirror no longer has the pinned version (Debian keeps only the newest kernel in
+    bookworm-security), the mirror's current one instead, verified against apt's signed
+    index, said on one line: returns the package actually used."""
+    try:
+        return pkg, fetch_pinned(pkg)
+    except PinGone as gone:
+        now = current(pkg)
+        step("fetch", f"{pkg.name}={pkg.version} is gone from the mirror ({gone}); using "
+             f"{now.name}={now.version}, the mirror's current one (sha256 from apt's signed index); "
+             "`build.py --update-pins` makes it the pin")
+        return now, fetch_pinned(now)
+
+
+class PinGone(Exception):
+    """The mirror does not have the pinned version (any more)."""
+
+
+def fetch_pinned(pkg: Package) -> Path:
     """Returns the cached .deb with the pinned sha256, downloading it if needed."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     path = CACHE_DIR / pkg.deb_name
@@ -197,7 +224,8 @@ def fetch(pkg: Package) -> Path:
             raise BuildError(f"apt-get update failed (are you root?):\n{u.stderr.strip()}")
         r = apt_get_download(pkg, CACHE_DIR)
         if r.returncode != 0:
-            raise BuildError(pin_gone_message(pkg, r.stderr))
+            detail = r.stderr.strip().splitlines()
+            raise PinGone(detail[-1] if detail else "apt-get download failed")
     if not path.exists():
         raise BuildError(f"apt-get download succeeded but {path} is missing:\n{r.stdout}{r.stderr}")
     got = sha256_file(path)
@@ -670,9 +698,11 @@ def main(argv: list[str]) -> int:
         stamps = Stamps(out / "work" / "stamps.json")
         if args.force:
             stamps.data = {}
-        _, pkgs = load_manifest()
+        _, pinned = load_manifest()
+        fetched = [fetch(p) for p in pinned]
+        pkgs = [p for p, _ in fetched]
         by_role = {p.role: p for p in pkgs}
-        debs = {p.role: fetch(p) for p in pkgs}
+        debs = {p.role: deb for p, deb in fetched}
         kinfo = build_vmlinux(by_role["kernel"], debs["kernel"], out, stamps)
         busybox = build_busybox(by_role["busybox"], debs["busybox"], out, stamps)
         busybox_check_applets(busybox)

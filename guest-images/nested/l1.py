@@ -98,8 +98,8 @@ def l1_kernel_and_modules() -> tuple[bytes, list[tuple[str, bytes]], Path]:
     """vmlinuz and the KVM modules from the pinned kernel .deb, and busybox."""
     _, pkgs = linux_build.load_manifest()
     by_role = {p.role: p for p in pkgs}
-    kdeb = linux_build.fetch(by_role["kernel"])
-    bdeb = linux_build.fetch(by_role["busybox"])
+    _, kdeb = linux_build.fetch(by_role["kernel"])
+    _, bdeb = linux_build.fetch(by_role["busybox"])
     wanted = {f"/{m}" for m in MODULES}
     members = linux_build.deb_members(
         kdeb, lambda n: n.startswith("./boot/vmlinuz-") or any(n.endswith(w) for w in wanted)
