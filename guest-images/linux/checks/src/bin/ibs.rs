@@ -23,7 +23,7 @@
 //! environment variables or `KEY=VALUE` arguments: `IBS_CHECK_PERIOD` (op period,
 //! default 0x10000), `IBS_CHECK_SECONDS` (0.5), `IBS_CHECK_FETCH_PERIOD` (0x10000),
 //! `IBS_CHECK_FETCH_SECONDS` (0.2), `IBS_CHECK_MODE` (`cpu`, `task` or `auto` = task
-//! then cpu), `IBS_CHECK_MIN_SAMPLES` (10). Exit status 0 only if every result passed.
+//! then cpu), `IBS_CHECK_MIN_SAMPLES` (30). Exit status 0 only if every result passed.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -48,6 +48,9 @@ use ibsvm_guest_checks::Check;
 /// of memset/memmove and in malloc, called by the ring drain between chunks. 75% of a
 /// 4 KiB window still shows that the samples track the thread (its text is over 1 MiB).
 const IN_LOOP_PERCENT: f64 = 75.0;
+/// Fetch samples the short fetch run must bring (~40 come on a CPL0-emulating host, ~170
+/// on a nested SVM one, at the default period and time).
+const FETCH_MIN_SAMPLES: usize = 5;
 /// The busy loop's body is assumed to lie within this many bytes of its entry.
 const LOOP_RANGE: u64 = 4096;
 /// Ring buffer data pages (plus one metadata page).
@@ -204,7 +207,7 @@ impl Options {
             Some("auto") => Mode::Auto,
             Some(m) => return Err(format!("IBS_CHECK_MODE={m:?}: want cpu, task or auto")),
         };
-        let min_samples = o.number("IBS_CHECK_MIN_SAMPLES", 10, 1..=100_000)? as usize;
+        let min_samples = o.number("IBS_CHECK_MIN_SAMPLES", 30, 1..=100_000)? as usize;
         Ok(Options {
             // The op unit's minimum period in newer kernels is 0x90; 6.1 takes 0x10.
             op_period: o.period("IBS_CHECK_PERIOD", 0x10000, 0x90)?,
@@ -599,8 +602,13 @@ fn op_results(c: &mut Check, run: &Run, range: (u64, u64), min_samples: usize) {
             "{} samples lost in {} LOST records; {} throttle, {} unthrottle, {} other records",
             r.lost, r.lost_records, r.throttle, r.unthrottle, r.other
         );
-        if total == 0 && r.lost > 0 {
-            return Err(format!("{d}: every sample was lost"));
+        // The ring drains between chunks: a device that floods it, or a drain that falls
+        // behind, loses more than a tenth.
+        if r.lost * 10 > total as u64 + r.lost {
+            return Err(format!(
+                "{d}: more than 10% of {} samples lost",
+                total as u64 + r.lost
+            ));
         }
         Ok(d)
     });
@@ -640,12 +648,15 @@ fn fetch_samples_result(run: &Run, range: (u64, u64)) -> Result<(Vec<FetchRaw>, 
     if let Some(e) = &run.parse_error {
         return Err(format!("{d}; ring buffer: {e}"));
     }
-    if good == 0 {
-        let first = decoded
-            .first()
-            .map(|f| format!(" (first FETCH_CTL {:#x})", f.ctl))
+    if good < FETCH_MIN_SAMPLES || good < decoded.len() {
+        let first_bad = decoded
+            .iter()
+            .find(|f| !fetch_ctl_ok(f))
+            .map(|f| format!(" (first bad FETCH_CTL {:#x})", f.ctl))
             .unwrap_or_default();
-        return Err(format!("{d}: want >= 1 valid sample{first}"));
+        return Err(format!(
+            "{d}: want >= {FETCH_MIN_SAMPLES} samples, all valid{first_bad}"
+        ));
     }
     Ok((decoded, d))
 }
@@ -871,13 +882,13 @@ mod tests {
         op_results(&mut c, &fake_run(bad), range, 10);
         assert_eq!(c.counts(), (4, 3));
 
-        // Too few samples, mostly outside the loop.
+        // Too few samples, mostly outside the loop, and 2 of 7 lost (the fixture's LOST).
         let few: Vec<Sample> = (0..5).map(|i| good(0x50_0000 + i)).collect();
         let mut c = Check::new("ibs-test");
         op_results(&mut c, &fake_run(few), range, 10);
-        assert_eq!(c.counts(), (5, 2));
+        assert_eq!(c.counts(), (4, 3));
 
-        // Fetch: one valid sample suffices; PHYSADDR must be 0.
+        // Fetch: at least FETCH_MIN_SAMPLES, every one valid; PHYSADDR must be 0.
         let fetch = |ctl: u64, lin: u64, phys: u64| Sample {
             ip: lin,
             pid: 100,
@@ -886,16 +897,19 @@ mod tests {
             raw: raw_payload(0x3ff, &[ctl, lin, phys, 0]),
         };
         let ok = FETCH_EN | FETCH_VAL | 0x1000;
-        let run = fake_run(vec![
-            fetch(FETCH_EN | 0x1000, 0x40_1000, 0),
-            fetch(ok, 0x40_1004, 0),
-        ]);
-        let (dec, _) = fetch_samples_result(&run, range).unwrap();
+        let valid: Vec<Sample> = (0..FETCH_MIN_SAMPLES as u64)
+            .map(|i| fetch(ok, 0x40_1000 + 4 * i, 0))
+            .collect();
+        let (dec, _) = fetch_samples_result(&fake_run(valid.clone()), range).unwrap();
         assert!(fetch_physaddr_result(&dec).is_ok());
-        let run = fake_run(vec![fetch(FETCH_EN | 0x1000, 0x40_1000, 0)]);
-        assert!(fetch_samples_result(&run, range).is_err());
-        let run = fake_run(vec![fetch(ok, 0x40_1000, 0x9000)]);
-        let (dec, _) = fetch_samples_result(&run, range).unwrap();
+        let mut one_invalid = valid.clone();
+        one_invalid[0] = fetch(FETCH_EN | 0x1000, 0x40_1000, 0);
+        assert!(fetch_samples_result(&fake_run(one_invalid), range).is_err());
+        let too_few = valid[1..].to_vec();
+        assert!(fetch_samples_result(&fake_run(too_few), range).is_err());
+        let mut with_phys = valid;
+        with_phys[0] = fetch(ok, 0x40_1000, 0x9000);
+        let (dec, _) = fetch_samples_result(&fake_run(with_phys), range).unwrap();
         assert!(fetch_physaddr_result(&dec).is_err());
     }
 
