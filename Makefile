@@ -76,7 +76,7 @@ NESTED_PASSING := 'testkernel=test:testkernel --skip echo_without_input_fails' \
 ## nested paging runs the same test executables (guest-images/nested/README.md).
 test-nested: build images
 	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix --bin ibs-clock
-	python3 guest-images/nested/l1.py --timeout 900 --deadline 2400 $(NESTED_SUITE)
+	python3 guest-images/nested/l1.py --timeout 300 --deadline 1200 $(NESTED_SUITE)
 
 ## make stress-nested: `make stress` inside that L1 host.
 stress-nested: build images

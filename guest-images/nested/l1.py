@@ -80,7 +80,10 @@ MARK = "@@nested"
 
 # What in L1's own output (not a command's) means the environment itself failed.
 L1_FAILURE_MARKS = ("Kernel panic", "BUG:", "Oops", "WARNING:", "@@nested error", "@@nested timeout",
-                    "@@nested stuck")
+                    "@@nested stuck", "rcu: INFO:", "soft lockup", "hard LOCKUP")
+# What in L1's own output means an L1 CPU is stuck (in the emulator's nested SVM, a CPU
+# that no longer takes interrupts while in L2): L1 is killed at once.
+L1_STUCK_MARKS = ("rcu: INFO:", "soft lockup", "hard LOCKUP")
 
 
 class NestedError(Exception):
@@ -284,6 +287,10 @@ def run_qemu(vmlinuz: Path, cpio: Path, accel: str, cpu: str, memory_mb: int, sm
                 f.write(line + "\n")
                 f.flush()
                 print(line, flush=True)
+                if not line.startswith("| ") and any(m in line for m in L1_STUCK_MARKS):
+                    proc.kill()
+                    lines.append(f"{MARK} stuck: an L1 CPU stopped responding; L1 killed")
+                    break
                 words = line.split()
                 if words[:1] == [MARK] and len(words) >= 2:
                     if words[1] == "begin" and len(words) >= 3:
