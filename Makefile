@@ -15,7 +15,7 @@ CPUS          ?= 1
 # (see `ibsvm --help`, --linux-tsc-scale). 1 turns it off.
 TSC_SCALE     ?= 10
 
-.PHONY: all build images testkernel linux-image run run-linux test test-nested stress-nested lint bench race-matrix stress race-linux clean
+.PHONY: all build images testkernel linux-image run run-linux test test-nested stress-nested lint bench fuzz race-matrix stress race-linux clean
 
 all: build images
 
@@ -43,6 +43,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release --locked -p vpmu --all-targets --features host-perf,serde -- -D warnings
+	cd fuzz && $(CARGO) fmt -- --check
 	cd guest-images/linux/checks && $(CARGO) fmt -- --check && \
 		$(CARGO) clippy --release --locked --target x86_64-unknown-linux-gnu --all-targets -- -D warnings
 
@@ -54,6 +55,7 @@ test: build images lint
 	cd guest-images/linux/checks && \
 		$(CARGO) test --release --locked --target x86_64-unknown-linux-gnu
 	python3 -m unittest discover -s guest-images/linux -p 'test_*.py'
+	$(MAKE) fuzz FUZZ_SECONDS=20 FUZZ_NEW=$(FUZZ_SCRATCH)
 	$(MAKE) test-nested NESTED_SUITE="$(NESTED_PASSING)"
 
 # The KVM tests that test-nested runs inside the L1 host: every test executable that boots
@@ -82,6 +84,23 @@ test-nested: build images
 stress-nested: build images
 	$(CARGO) build --release --locked -p ibsvm-tests --bin race-matrix --bin ibs-clock
 	python3 guest-images/nested/l1.py 'stress=target/release/race-matrix --stress'
+
+## make fuzz: each coverage-guided fuzz target (fuzz/, cargo-fuzz with libFuzzer on the
+## nightly toolchain) for FUZZ_SECONDS, starting from the saved corpus fuzz/corpus/TARGET
+## (and, for kernel_image, the built test kernels); new inputs go to FUZZ_NEW/TARGET
+## (default: the saved corpus itself; `make test` runs each for 20 s into a scratch copy).
+FUZZ_TARGETS := kernel_image command_line vpmu_ops
+FUZZ_SECONDS ?= 300
+FUZZ_NEW ?= fuzz/corpus
+FUZZ_SCRATCH := target/fuzz-corpus
+fuzz: testkernel
+	mkdir -p target/fuzz-seeds/kernel_image
+	cp guest-images/out/testkernel.elf guest-images/out/testkernel.bzImage target/fuzz-seeds/kernel_image/
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_NEW)/$$t && \
+		cargo +nightly fuzz run -O $$t $(FUZZ_NEW)/$$t fuzz/corpus/$$t $$(test -d target/fuzz-seeds/$$t && echo target/fuzz-seeds/$$t) \
+			-- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 || exit 1; \
+	done
 
 ## make bench: vpmu_rdmsr_ns, vpmu_wrmsr_ns (the device alone) and ibs_msr_exit_ratio
 ## (a guest's trapped IBS RDMSR against a trapped MSR with no device; fails above its

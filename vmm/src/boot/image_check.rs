@@ -39,16 +39,35 @@ pub fn elf_header(head: &[u8]) -> Result<Header, ImageFault> {
     Header::parse(head).map_err(|e| fault("ELF header", e.to_string()))
 }
 
-/// Where the program header table lies in the file: (offset, length in bytes).
-pub fn program_headers_span(header: &Header) -> (u64, u64) {
-    (
-        header.e_phoff,
-        u64::from(header.e_phnum) * u64::from(header.e_phentsize),
-    )
+/// Where the program header table of a file of `file_len` bytes lies in it: (offset,
+/// length in bytes), checked to be 64-bit program headers inside the file (so that no
+/// header field can make ibsvm read, or allocate, more than the file holds).
+pub fn program_headers_span(header: &Header, file_len: u64) -> Result<(u64, usize), ImageFault> {
+    let entry = ProgramHeader::size(Ctx::new(Container::Big, Endian::Little));
+    if usize::from(header.e_phentsize) != entry {
+        return Err(fault(
+            "e_phentsize",
+            format!(
+                "{} is not the size of a 64-bit program header",
+                header.e_phentsize
+            ),
+        ));
+    }
+    let len = usize::from(header.e_phnum) * entry;
+    match header.e_phoff.checked_add(len as u64) {
+        Some(end) if end <= file_len => Ok((header.e_phoff, len)),
+        _ => Err(fault(
+            "e_phoff",
+            format!(
+                "the program header table ({len:#x} bytes at {:#x}) runs past the end of the file ({file_len:#x} bytes)",
+                header.e_phoff
+            ),
+        )),
+    }
 }
 
-/// Checks the loadable segments whose program header table is `table` (read from the
-/// file at [`program_headers_span`]) against a file of `file_len` bytes and guest RAM
+/// Checks the loadable segments whose 64-bit program header table is `table` (read from
+/// the file at [`program_headers_span`]) against a file of `file_len` bytes and guest RAM
 /// `[ram_start, ram_end)`: each PT_LOAD's bytes in the file, `p_filesz <= p_memsz`, its
 /// memory inside RAM and over no other, and the entry point in an executable one.
 pub fn check_elf_segments(
@@ -59,15 +78,6 @@ pub fn check_elf_segments(
     ram_end: u64,
 ) -> Result<(), ImageFault> {
     let ctx = Ctx::new(Container::Big, Endian::Little);
-    if usize::from(header.e_phentsize) != ProgramHeader::size(ctx) {
-        return Err(fault(
-            "e_phentsize",
-            format!(
-                "{} is not the size of a 64-bit program header",
-                header.e_phentsize
-            ),
-        ));
-    }
     let phdrs = ProgramHeader::parse(table, 0, usize::from(header.e_phnum), ctx)
         .map_err(|e| fault("program header table", e.to_string()))?;
     let loads: Vec<(usize, &ProgramHeader)> = phdrs
@@ -230,7 +240,30 @@ mod tests {
 
     fn check(entry: u64, segments: &[Load]) -> Result<(), ImageFault> {
         let (h, t) = elf(entry, segments);
-        check_elf_segments(&h, &t, 0x10000, MIB, 256 * MIB)
+        let (_, len) = program_headers_span(&h, 0x10000)?;
+        check_elf_segments(&h, &t[..len], 0x10000, MIB, 256 * MIB)
+    }
+
+    #[test]
+    fn the_program_header_table_must_lie_in_the_file() {
+        let (mut h, _) = elf(MIB, &[(RX, 0x1000, MIB, 0x100, 0x100)]);
+        assert_eq!(program_headers_span(&h, 0x10000), Ok((64, 56)));
+        h.e_phnum = u16::MAX; // 3.5 MiB of headers in a 64 KiB file
+        assert_eq!(
+            program_headers_span(&h, 0x10000).unwrap_err().field,
+            "e_phoff"
+        );
+        h.e_phoff = u64::MAX;
+        h.e_phnum = 1;
+        assert_eq!(
+            program_headers_span(&h, 0x10000).unwrap_err().field,
+            "e_phoff"
+        );
+        h.e_phentsize = u16::MAX;
+        assert_eq!(
+            program_headers_span(&h, 0x10000).unwrap_err().field,
+            "e_phentsize"
+        );
     }
 
     const RX: u32 = 5; // PF_R | PF_X

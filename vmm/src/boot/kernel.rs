@@ -313,14 +313,11 @@ pub fn load_kernel(
         ImageFormat::Elf => {
             check_elf_header(path, &head)?;
             let header = image_check::elf_header(&head).map_err(bad_image)?;
-            let (at, len) = image_check::program_headers_span(&header);
-            let mut table = vec![0u8; len as usize];
-            file.read_exact_at(&mut table, at).map_err(|_| {
-                bad_image(ImageFault {
-                    field: "e_phoff".into(),
-                    why: format!("the program header table ({len:#x} bytes at {at:#x}) runs past the end of the file"),
-                })
-            })?;
+            let (at, len) =
+                image_check::program_headers_span(&header, file_len).map_err(bad_image)?;
+            let mut table = vec![0u8; len];
+            file.read_exact_at(&mut table, at)
+                .map_err(io_err("kernel", path))?;
             image_check::check_elf_segments(&header, &table, file_len, HIGH_MEMORY, ram_end)
                 .map_err(bad_image)?;
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
