@@ -53,7 +53,7 @@ fn debian_kernel_boots_to_userspace_and_passes_its_checks() {
     run.assert_line("ibsvm-init: start");
     run.assert_line("ibsvm-init: cpus online 2 (0-1)");
     // Every check passed, as the guest itself reports.
-    for check in ["fpu", "ibs", "ibs-race", "userspace"] {
+    for check in ["fpu", "ibs", "ibs-race", "ibs-soak", "userspace"] {
         run.assert_line(&format!("ibsvm-check: {check}: PASS"));
     }
     run.assert_line("ibsvm-init: verdict PASS");
