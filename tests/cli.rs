@@ -1,7 +1,9 @@
 //! Bad input to the real `ibsvm` binary: one clear line on stderr, the right status, no
 //! panic, no hang.
 
+use std::io::Read;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ibsvm_tests::{boot_testkernel, ibsvm, image, require_kvm, Run};
@@ -14,6 +16,25 @@ fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     p
+}
+
+/// Starts `ibsvm` with `args`, stdout as given and stderr piped, for a test that acts on
+/// the running process (a signal, a closed pipe).
+fn spawn(args: &[&str], stdout: Stdio) -> Child {
+    Command::new(ibsvm_tests::ibsvm_bin())
+        .args(args)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ibsvm")
+}
+
+/// Reads a [`spawn`]ed ibsvm's stderr to its end and reaps it: (exit code, stderr).
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let mut stderr = String::new();
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    pipe.read_to_string(&mut stderr).expect("ibsvm's stderr");
+    (child.wait().expect("reap ibsvm").code(), stderr)
 }
 
 /// Exit status `code`, an `ibsvm: error:` line mentioning `needle`, and no panic.
@@ -127,7 +148,7 @@ fn non_utf8_paths_work_and_a_non_utf8_cmdline_is_refused() {
     let kernel = image("testkernel.elf");
     let odd = scratch("k", b"").with_file_name(std::ffi::OsStr::from_bytes(b"\xff.elf"));
     std::fs::copy(&kernel, &odd).unwrap();
-    let out = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+    let out = Command::new(ibsvm_tests::ibsvm_bin())
         .arg("run")
         .arg("--kernel")
         .arg(&odd)
@@ -137,7 +158,7 @@ fn non_utf8_paths_work_and_a_non_utf8_cmdline_is_refused() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
-    let out = std::process::Command::new(ibsvm_tests::ibsvm_bin())
+    let out = Command::new(ibsvm_tests::ibsvm_bin())
         .args(["run", "--kernel", kernel.to_str().unwrap(), "--cmdline"])
         .arg(std::ffi::OsStr::from_bytes(b"test=\xff"))
         .output()
@@ -154,27 +175,17 @@ fn non_utf8_paths_work_and_a_non_utf8_cmdline_is_refused() {
 #[test]
 fn sigint_stops_the_vm_and_keeps_the_stats() {
     require_kvm();
-    use std::io::Read;
     // A Linux kernel without an initramfs runs (boots, then panics and waits) until stopped.
     let kernel = image("linux/vmlinux");
-    let mut child = std::process::Command::new(ibsvm_tests::ibsvm_bin())
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--stats"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--stats"],
+        Stdio::null(),
+    );
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: kill only sends a signal to the child we spawned and have not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(130), "{stderr}");
     assert!(
         stderr.contains("ibsvm: stopped by SIGINT; exit status 130"),
         "{stderr}"
@@ -185,33 +196,23 @@ fn sigint_stops_the_vm_and_keeps_the_stats() {
 #[test]
 fn a_closed_console_gets_one_warning() {
     require_kvm();
-    use std::io::Read;
     let kernel = image("testkernel.elf");
-    let mut child = std::process::Command::new(ibsvm_tests::ibsvm_bin())
-        .args([
+    let mut child = spawn(
+        &[
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
             "--cmdline",
             "test=smoke",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        Stdio::piped(),
+    );
     drop(child.stdout.take()); // the reader of `ibsvm ... | head -1` is gone
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let status = child.wait().unwrap();
+    let (code, stderr) = finish(child);
     let warnings = stderr.matches("ibsvm: warn: console output").count();
     assert_eq!(warnings, 1, "{stderr}");
     // The guest ran to its end regardless.
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[test]

@@ -514,8 +514,10 @@ impl Vm {
         let guest_tsc_khz = vcpus[0].tsc_khz()?;
         let cmdline = match (config.linux_tsc_scale, kernel.is_linux) {
             (scale @ 2.., true) => {
-                let khz = guest_tsc_khz;
-                let param = format!("tsc_early_khz={}", u64::from(khz) * u64::from(scale));
+                let param = format!(
+                    "tsc_early_khz={}",
+                    u64::from(guest_tsc_khz) * u64::from(scale)
+                );
                 log::info!("--linux-tsc-scale {scale}: appended {param} (guest timers fire {scale}x later in wall time)");
                 format!("{cmdline} {param}")
             }

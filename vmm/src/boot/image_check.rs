@@ -336,25 +336,22 @@ mod tests {
         };
         // 5 sectors of setup (0 means 4) and 0x1000 bytes of code.
         check_bzimage_sizes(sizes, 5 * 512 + 0x1000).unwrap();
-        let truncated = check_bzimage_sizes(sizes, 5 * 512 + 0x800).unwrap_err();
-        assert_eq!(truncated.field, "syssize");
-        let setup_only = check_bzimage_sizes(sizes, 1024).unwrap_err();
-        assert_eq!(setup_only.field, "syssize");
-        let empty = BzImageSizes {
+        let no_code = BzImageSizes {
             syssize: 0,
             ..sizes
         };
-        assert_eq!(
-            check_bzimage_sizes(empty, 1 << 20).unwrap_err().field,
-            "syssize"
-        );
         let small = BzImageSizes {
             init_size: 0x10,
             ..sizes
         };
-        assert_eq!(
-            check_bzimage_sizes(small, 1 << 20).unwrap_err().field,
-            "init_size"
-        );
+        for (what, sizes, file_len, field) in [
+            ("truncated", sizes, 5 * 512 + 0x800, "syssize"),
+            ("setup only", sizes, 1024, "syssize"),
+            ("no code", no_code, 1 << 20, "syssize"),
+            ("init_size < code", small, 1 << 20, "init_size"),
+        ] {
+            let err = check_bzimage_sizes(sizes, file_len).unwrap_err();
+            assert_eq!(err.field, field, "{what}: {err}");
+        }
     }
 }

@@ -180,6 +180,15 @@ mod tests {
         mean * 4 / 10 + mean * 12 / 10 * x / (1 << 24)
     }
 
+    /// A clock that has seen 1000 guest-caused exits of noisy(`mean`) each.
+    fn after_guest_exits(mean: u64) -> GuestClock {
+        let mut clock = GuestClock::new(1);
+        for i in 0..1000 {
+            clock.account(noisy(mean, i), RunEnd::GuestExit, true, 0);
+        }
+        clock
+    }
+
     #[test]
     fn exits_the_guest_caused_charge_almost_nothing() {
         let mut clock = GuestClock::new(1);
@@ -193,10 +202,7 @@ mod tests {
 
     #[test]
     fn kicks_count_in_full() {
-        let mut clock = GuestClock::new(1);
-        for i in 0..1000 {
-            clock.account(noisy(150_000, i), RunEnd::GuestExit, true, 0);
-        }
+        let mut clock = after_guest_exits(150_000);
         // The first kick follows a guest-caused exit: it counts beyond the dead zone.
         let before = clock.now();
         clock.account(524_288, RunEnd::Kick, true, 0);
@@ -212,10 +218,7 @@ mod tests {
 
     #[test]
     fn a_kick_during_the_entry_after_a_guest_exit_counts_nothing() {
-        let mut clock = GuestClock::new(1);
-        for i in 0..1000 {
-            clock.account(noisy(150_000, i), RunEnd::GuestExit, true, 0);
-        }
+        let mut clock = after_guest_exits(150_000);
         // The timer fired at the dead zone's edge, before the guest ran: no guest time,
         // so no sample there. The next kick's run is all the guest's.
         let before = clock.now();
@@ -227,10 +230,7 @@ mod tests {
 
     #[test]
     fn guest_work_before_an_exit_counts_beyond_the_dead_zone() {
-        let mut clock = GuestClock::new(1);
-        for i in 0..1000 {
-            clock.account(noisy(100_000, i), RunEnd::GuestExit, true, 0);
-        }
+        let mut clock = after_guest_exits(100_000);
         let before = clock.now();
         clock.account(5_000_000, RunEnd::GuestExit, true, 0);
         let counted = clock.now() - before;
@@ -242,11 +242,8 @@ mod tests {
 
     #[test]
     fn the_exit_cost_is_the_dead_zone() {
-        let mut clock = GuestClock::new(1);
-        assert_eq!(clock.exit_cost(), 0, "nothing measured yet");
-        for i in 0..1000 {
-            clock.account(noisy(100_000, i), RunEnd::GuestExit, true, 0);
-        }
+        assert_eq!(GuestClock::new(1).exit_cost(), 0, "nothing measured yet");
+        let clock = after_guest_exits(100_000);
         // noisy(100 µs) spreads over 40-160 µs: its p95 is about 154 µs.
         assert!(
             (145_000..=160_000).contains(&clock.exit_cost()),
@@ -257,10 +254,7 @@ mod tests {
 
     #[test]
     fn exits_kvm_handled_itself_are_charged_their_typical_cost() {
-        let mut clock = GuestClock::new(1);
-        for i in 0..1000 {
-            clock.account(noisy(150_000, i), RunEnd::GuestExit, true, 0);
-        }
+        let mut clock = after_guest_exits(150_000);
         let typical = clock.typical_exit_cost();
         // noisy(150 µs) spreads over 60-240 µs: its median is about 150 µs.
         assert!((140_000..=160_000).contains(&typical), "{typical}");

@@ -469,18 +469,8 @@ impl Vcpu {
             })?,
             None => 0,
         };
-        let interrupted = match &result {
-            Ok(VcpuExit::Intr) => true,
-            Err(e) => e.errno() == libc::EINTR || e.errno() == libc::EAGAIN,
-            Ok(_) => false,
-        };
         // All but the exit that ended the run (none if a kick stopped it before entry).
         self.last_run_kvm_exits = exits.saturating_sub(1);
-        // A run the kick timer ended lasted, for the guest, until the timer fired: what
-        // follows is the host delivering the signal and leaving the guest.
-        if interrupted {
-            self.last_run_ns = ran.min(self.armed_ns.unwrap_or(u64::MAX));
-        }
         self.counters
             .add("kvm.handled_exits", self.last_run_kvm_exits);
         let local: &mut dyn VcpuDevices = match &mut self.ibs {
@@ -570,6 +560,11 @@ impl Vcpu {
             }
         };
         self.kicked = name == "exit.kick" || name == "exit.intr";
+        if self.kicked {
+            // A run the kick timer ended lasted, for the guest, until the timer fired:
+            // what follows is the host delivering the signal and leaving the guest.
+            self.last_run_ns = self.last_run_ns.min(self.armed_ns.unwrap_or(u64::MAX));
+        }
         if name == "exit.kick" {
             self.fd.set_kvm_immediate_exit(0);
         }
