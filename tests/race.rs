@@ -1,4 +1,4 @@
-//! The stale-IbsOpVal race (shared/docs/ibs-device.md §4–5) reproduced on purpose with the
+//! The stale-IbsOpVal race (docs/ibs-race.md) reproduced on purpose with the
 //! race test kernel (guest-images/testkernel/tests/race.S) under real KVM: the matrix of
 //! start-path order × `--ibs-policy`, detection with `--ibs-race-check fail`, and a short
 //! stress run (the long one is `make stress`).

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Kernel parameters a stock Linux guest needs on a CPL0-emulating host, each with why.
 ///
-/// Measured on such a host (shared/docs/host-kvm.md): `KVM_SET_CPUID2` cannot hide the
+/// Measured on our development hosts, which are such hosts: `KVM_SET_CPUID2` cannot hide the
 /// leaf 1/7 features from guest CPL0 code, and the emulator cannot execute them. The
 /// leaf 0xD.1 ones are hidden the same way (whether the table would hide them was not
 /// measured), since ibsvm completes only the standard forms.

@@ -1,6 +1,6 @@
 //! The IBS test port: a guest test kernel asks its vCPU's virtual IBS device for a sample
 //! at the exact instruction it chooses, to reproduce the Linux IBS race on purpose
-//! (shared/docs/ibs-device.md §4; guest-images/testkernel, `test=race`). Hardware has no
+//! (docs/ibs-race.md; guest-images/testkernel, `test=race`). Hardware has no
 //! such thing; a kernel that never touches the port never notices it.
 //!
 //! I/O port 0xF5, next to the test-exit port 0xF4, one byte, present only on vCPUs with

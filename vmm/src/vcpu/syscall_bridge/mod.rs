@@ -3,7 +3,7 @@
 //! On a host whose KVM emulates guest CPL0 (see `crate::host`), a `SYSCALL` executed by
 //! guest userspace jumps to the kernel's entry point (MSR LSTAR) **without** switching to
 //! CPL0: the instruction fetch at LSTAR then faults as a user-mode #PF on a supervisor
-//! page, and the kernel kills the process (measured: shared/docs/host-kvm.md).
+//! page, and the kernel kills the process (measured on our development hosts).
 //!
 //! ibsvm completes the SYSCALL itself. It watches the guest's writes of LSTAR and SFMASK
 //! (an MSR filter sends them to userspace; ibsvm writes them through with
