@@ -29,12 +29,31 @@ fn spawn(args: &[&str], stdout: Stdio) -> Child {
         .expect("spawn ibsvm")
 }
 
-/// Reads a [`spawn`]ed ibsvm's stderr to its end and reaps it: (exit code, stderr).
+/// Waits for a [`spawn`]ed ibsvm to end, at most [`DEADLINE`] (then kills it and fails),
+/// and returns (exit code, stderr).
 fn finish(mut child: Child) -> (Option<i32>, String) {
-    let mut stderr = String::new();
     let mut pipe = child.stderr.take().expect("piped stderr");
-    pipe.read_to_string(&mut stderr).expect("ibsvm's stderr");
-    (child.wait().expect("reap ibsvm").code(), stderr)
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = pipe.read_to_string(&mut stderr);
+        stderr
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for ibsvm") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ibsvm still running after {DEADLINE:?}: {}",
+                reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.code(), reader.join().expect("stderr reader"))
 }
 
 /// Exit status `code`, an `ibsvm: error:` line mentioning `needle`, and no panic.
