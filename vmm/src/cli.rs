@@ -71,7 +71,9 @@ Virtual IBS (AMD Instruction-Based Sampling) options:
 
 Benchmarking:
   --null-msr INDEX      trap MSR INDEX to ibsvm and answer it with no device at all
-                        (reads 0, writes ignored): the baseline of `make bench`
+                        (reads 0, writes ignored): the baseline of `make bench`.
+                        Not the IBS or extended-APIC MSRs, nor those ibsvm
+                        relies on (APIC_BASE, x2APIC, EFER, LSTAR, SFMASK, HWCR)
 
 The console is COM1 (ttyS0) on stdin/stdout. A guest ends the VM by writing a byte
 to I/O port 0xf4. With virtual IBS, I/O port 0xf5 is ibsvm's IBS test port, which lets
@@ -299,6 +301,9 @@ fn parse_run(args: impl Iterator<Item = OsString>) -> Result<Command, UsageError
                             "expected an MSR index outside the IBS and extended-APIC MSRs",
                         )
                     })?;
+                if let Some(why) = crate::msr::relied_on(index) {
+                    return Err(bad(&flag, &v, format!("ibsvm relies on this MSR: {why}")));
+                }
                 set(&mut null_msr, &flag, index)?
             }
             "--linux-tsc-scale" => {
@@ -593,6 +598,20 @@ mod tests {
                 p(&["run", "--kernel", "k", "--null-msr", bad_msr]),
                 Err(UsageError::BadValue { .. })
             ));
+        }
+        for relied_on in [
+            "0xc0000082",
+            "0xc0000084",
+            "0x1b",
+            "0x830",
+            "0xc0000080",
+            "0xc0010015",
+        ] {
+            let err = p(&["run", "--kernel", "k", "--null-msr", relied_on]).unwrap_err();
+            assert!(
+                err.to_string().contains("ibsvm relies on"),
+                "{relied_on}: {err}"
+            );
         }
         for bad_scale in ["0", "101", "x"] {
             assert!(matches!(

@@ -17,6 +17,7 @@ pub mod ibs;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod msr;
 pub mod stats;
 pub mod stop;
 pub mod vcpu;

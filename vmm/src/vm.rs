@@ -27,12 +27,13 @@ use crate::ibs::vcpu::VcpuIbs;
 use crate::ibs::{self, IbsBackend, IbsSelectError, IbsSettings};
 use crate::layout::{KVM_TSS, LAPIC_BASE};
 use crate::memory::{self, MemoryError};
+use crate::msr;
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
 use crate::vcpu::exit::DispatchPolicy;
 use crate::vcpu::halt::{self, HaltWatch};
 use crate::vcpu::profile::GuestProfiler;
-use crate::vcpu::syscall_bridge::{PfTrap, MSR_LSTAR, MSR_SFMASK};
+use crate::vcpu::syscall_bridge::PfTrap;
 use crate::vcpu::{kick, Vcpu, VcpuError, VcpuReport};
 use vpmu::IBS_MSR_RANGE;
 
@@ -318,7 +319,7 @@ fn install_msr_filter(
     let ibs_bitmap = [0u8; 2];
     // From C000_0082: LSTAR exits, CSTAR (C000_0083) stays with KVM, SFMASK exits.
     let syscall_bitmap = [0b010u8];
-    debug_assert_eq!(MSR_SFMASK, MSR_LSTAR + 2);
+    debug_assert_eq!(msr::SFMASK, msr::LSTAR + 2);
     let ibs_count = IBS_MSR_RANGE.end() - IBS_MSR_RANGE.start() + 1;
     let mut ranges = Vec::new();
     if ibs {
@@ -334,7 +335,7 @@ fn install_msr_filter(
         let flags = MsrFilterRangeFlags::WRITE;
         ranges.push(MsrFilterRange {
             flags,
-            base: MSR_LSTAR,
+            base: msr::LSTAR,
             msr_count: 3,
             bitmap: &syscall_bitmap,
         });

@@ -3,7 +3,7 @@
 //! Kept free of KVM file descriptors so that it can be tested with fabricated exits.
 
 use super::completion::{completion_for, Completion};
-use super::syscall_bridge::{MSR_LSTAR, MSR_SFMASK};
+use crate::msr;
 use crate::stop::{CrashKind, GuestStop};
 
 /// KVM_SYSTEM_EVENT_SHUTDOWN / RESET (include/uapi/linux/kvm.h).
@@ -220,7 +220,7 @@ pub fn dispatch(
             Outcome::Resume
         }
         Exit::WrMsr {
-            index: index @ (MSR_LSTAR | MSR_SFMASK),
+            index: index @ (msr::LSTAR | msr::SFMASK),
             value,
             ..
         } if policy.syscall_bridge => Outcome::SyscallMsr { index, value },
@@ -567,21 +567,21 @@ mod tests {
     fn syscall_msrs_and_debug_exits_go_to_the_bridge() {
         let mut error = 0;
         let lstar = Exit::WrMsr {
-            index: MSR_LSTAR,
+            index: msr::LSTAR,
             value: 0xffff_ffff_8160_0080,
             error: &mut error,
         };
         assert_eq!(
             run(lstar, QUIRKS),
             Outcome::SyscallMsr {
-                index: MSR_LSTAR,
+                index: msr::LSTAR,
                 value: 0xffff_ffff_8160_0080
             }
         );
         // Without the bridge nobody filters LSTAR; if a write came anyway it would be #GP.
         run(
             Exit::WrMsr {
-                index: MSR_LSTAR,
+                index: msr::LSTAR,
                 value: 1,
                 error: &mut error,
             },

@@ -23,6 +23,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
 use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
+use crate::msr;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
 use crate::vm::VmShared;
@@ -46,12 +47,6 @@ const APIC_MODE_NMI: u32 = 0b100 << 8;
 const APIC_MODE_EXTINT: u32 = 0b111 << 8;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (include/uapi/linux/kvm.h).
 const EMULATION_FLAG_INSN_BYTES: u64 = 1;
-/// MSR C001_0015 HWCR and its bit 24 TscFreqSel, "the TSC increments at the P0 frequency"
-/// (AMD PPR for family 19h; Linux `arch/x86/kernel/cpu/amd.c` warns "[Firmware Bug]: TSC
-/// doesn't count with P0 frequency!" when firmware left it clear). KVM accepts it from
-/// userspace (arch/x86/kvm/x86.c, MSR_K7_HWCR).
-const MSR_K7_HWCR: u32 = 0xc001_0015;
-const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 /// RFLAGS bit 9 IF, interrupts enabled (SDM vol. 1 §3.4.3).
 const RFLAGS_IF: u64 = 1 << 9;
 
@@ -205,8 +200,8 @@ impl Vcpu {
             .set_lapic(&lapic)
             .map_err(self.ioctl_err("KVM_SET_LAPIC"))?;
         let hwcr = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_K7_HWCR,
-            data: HWCR_TSC_FREQ_SEL,
+            index: msr::K7_HWCR,
+            data: msr::HWCR_TSC_FREQ_SEL,
             ..Default::default()
         }])
         .map_err(|_| VcpuError::MsrList)?;

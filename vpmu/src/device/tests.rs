@@ -819,46 +819,72 @@ fn start_vs_deliver_all_interleavings() {
 
 /// The same property with real threads: a sampler hammers the sink with whatever epoch is
 /// published while the vCPU thread restarts the unit and drains.
+/// The vCPU thread restarts the op unit while a sampler thread delivers for whatever arming
+/// it last saw and, each time it sees a new arming, once more for the one before (a sampler
+/// preempted across a restart). Only the current arming's samples may latch, and samples
+/// must keep latching (liveness): the guest re-arms until 500 have, within 20 s.
 #[test]
 fn start_vs_deliver_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    const WANTED: u64 = 500;
     let source = ThreadSource::default();
     let mut v = Vpmu::new(VpmuConfig::default(), source.clone());
     linux_init(&mut v);
     let sink = v.sink();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (source, stop) = (source.clone(), Arc::clone(&stop));
         std::thread::spawn(move || {
-            let mut delivered = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some((e, period)) = source.armed(UnitKind::Op) {
-                    delivered += u64::from(sink.deliver(tagged(e, period)).is_ok());
+            let (mut delivered, mut stale_sent, mut stale_accepted) = (0u64, 0u64, 0u64);
+            let mut last: Option<(Epoch, u64)> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some((e, tag)) = source.armed(UnitKind::Op) {
+                    if let Some((old, old_tag)) = last.filter(|(old, _)| *old != e) {
+                        stale_sent += 1;
+                        stale_accepted += u64::from(sink.deliver(tagged(old, old_tag)).is_ok());
+                    }
+                    last = Some((e, tag));
+                    delivered += u64::from(sink.deliver(tagged(e, tag)).is_ok());
                 }
                 std::thread::yield_now();
             }
-            delivered
+            (delivered, stale_sent, stale_accepted)
         })
     };
-    let mut latched = 0;
-    for i in 0..20_000u32 {
+    let (mut latched, mut rounds) = (0u64, 0u64);
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while latched < WANTED && Instant::now() < give_up {
+        rounds += 1;
         v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
-        if i % 3 == 0 {
+        if rounds % 3 == 0 {
             v.wrmsr(IBS_OP_CTL, 0, NO).unwrap();
             v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
         }
         let (_, current) = source.armed(UnitKind::Op).unwrap();
+        // Give the sampler a chance at this arming and at the stale one.
+        std::thread::yield_now();
         v.poll_inbox();
         let irq = v.take_interrupt();
         let unit = &v.units[UnitKind::Op.index()];
         assert!(irq.is_none() || unit.latched);
         if unit.latched {
             latched += 1;
-            assert_eq!(unit.data[0], current);
+            assert_eq!(
+                unit.data[0], current,
+                "round {rounds}: a stale arming's sample"
+            );
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let delivered = sampler.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (delivered, stale_sent, stale_accepted) = sampler.join().unwrap();
+    assert!(
+        latched >= WANTED,
+        "only {latched} samples latched in {rounds} rounds"
+    );
     assert!(latched <= delivered);
+    assert!(stale_sent > 0, "the sampler never saw a restart");
+    assert_eq!(stale_accepted, 0, "{stale_sent} stale deliveries");
 }
 
 #[test]

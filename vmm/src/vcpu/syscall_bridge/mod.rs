@@ -28,10 +28,8 @@
 //!   with RFLAGS.RF set) and re-arms. Costs two exits a fault and slows emulation while
 //!   armed, hence the fallback only.
 
-/// MSR C000_0082 LSTAR: the 64-bit SYSCALL target.
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-/// MSR C000_0084 SFMASK: RFLAGS bits SYSCALL clears.
-pub const MSR_SFMASK: u32 = 0xc000_0084;
+use crate::msr;
+
 /// RFLAGS bit 16 RF (resume flag).
 const RFLAGS_RF: u64 = 1 << 16;
 /// RFLAGS bit 1 is reserved and reads as 1.
@@ -175,11 +173,11 @@ impl SyscallBridge {
     /// now be (re)armed (LSTAR got a non-zero value).
     pub fn record_msr(&mut self, index: u32, value: u64) -> bool {
         match index {
-            MSR_LSTAR => {
+            msr::LSTAR => {
                 self.lstar = value;
                 value != 0
             }
-            MSR_SFMASK => {
+            msr::SFMASK => {
                 self.sfmask = value;
                 false
             }
@@ -223,8 +221,8 @@ mod tests {
 
     fn bridge() -> SyscallBridge {
         let mut b = SyscallBridge::default();
-        assert!(!b.record_msr(MSR_SFMASK, 0x47700));
-        assert!(b.record_msr(MSR_LSTAR, LSTAR));
+        assert!(!b.record_msr(msr::SFMASK, 0x47700));
+        assert!(b.record_msr(msr::LSTAR, LSTAR));
         b
     }
 
