@@ -18,8 +18,6 @@ pub const PML4: u64 = 0x9000;
 pub const PDPT: u64 = 0xa000;
 /// Page directory of the boot identity map (512 × 2 MiB = 1 GiB).
 pub const PD: u64 = 0xb000;
-/// Size identity-mapped by the boot page tables.
-pub const IDENTITY_MAPPED: u64 = 1 << 30;
 /// Kernel command line (NUL-terminated).
 pub const CMDLINE: u64 = 0x20000;
 /// Largest command line we accept, NUL included (Linux x86 COMMAND_LINE_SIZE).

@@ -1,24 +1,27 @@
 //! ibsvm: a small KVM virtual machine monitor whose guests get a virtual AMD IBS PMU.
 //!
-//! The binary (`src/main.rs`) is a thin shell around [`cli`] and [`vm`]. Module map:
-//! - [`boot`]: kernel/initrd loading, zero page, MP table, boot page tables;
-//! - [`vcpu`]: vCPU set-up and the exit loop ([`vcpu::exit`] is the pure dispatch);
-//! - [`devices`]: COM1, i8042, the test-exit port;
-//! - [`ibs`]: the virtual IBS PMU (`vpmu`) wired to KVM exits, timers and NMIs;
-//! - [`cpuid`], [`host`]: what the guest sees of the CPU and what this host needs;
+//! The binary (`src/main.rs`) is a thin shell around [`cli`] and [`vm`]; the library exists
+//! for it, the integration tests ([`stop`], [`host`]) and the fuzz targets ([`boot::kernel`],
+//! [`layout`], [`cli`]), and keeps everything else crate-private, so that the compiler
+//! finds dead code. Module map (`cargo doc --document-private-items` for all of it):
+//! - `boot`: kernel/initrd loading and checks, zero page, MP table, boot page tables;
+//! - `vcpu`: vCPU set-up and the exit loop (`vcpu::exit` is the pure dispatch);
+//! - `devices`: COM1, i8042, the test-exit port;
+//! - `ibs`: the virtual IBS PMU (`vpmu`) wired to KVM exits, timers and NMIs;
+//! - `cpuid`, `msr`, [`host`]: what the guest sees of the CPU and what this host needs;
 //! - [`vm`]: wiring it together.
 
 pub mod boot;
 pub mod cli;
-pub mod cpuid;
-pub mod devices;
+pub(crate) mod cpuid;
+pub(crate) mod devices;
 pub mod host;
-pub mod ibs;
+pub(crate) mod ibs;
 pub mod layout;
 pub mod logger;
-pub mod memory;
-pub mod msr;
-pub mod stats;
+pub(crate) mod memory;
+pub(crate) mod msr;
+pub(crate) mod stats;
 pub mod stop;
-pub mod vcpu;
+pub(crate) mod vcpu;
 pub mod vm;

@@ -3,7 +3,7 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -136,9 +136,23 @@ pub enum VmError {
         /// The error.
         source: std::io::Error,
     },
-    /// The VMM failed while the guest ran.
-    #[error("{0}")]
-    Runtime(String),
+    /// The vCPU's CPUID table does not fit KVM's limit.
+    #[error("vCPU {id}: the CPUID table has {entries} entries, more than KVM takes")]
+    CpuidTooLarge {
+        /// vCPU index.
+        id: u8,
+        /// Entries in the table.
+        entries: usize,
+    },
+    /// A vCPU thread panicked (its message was printed when it did).
+    #[error("vCPU {id}: its thread panicked")]
+    VcpuPanicked {
+        /// vCPU index.
+        id: usize,
+    },
+    /// The main thread's event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
     /// The IBS source cannot be used.
     #[error(transparent)]
     Ibs(#[from] IbsSelectError),
@@ -167,10 +181,10 @@ fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 }
 
 /// How the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum VmEnd {
     Guest(GuestStop),
-    Failed(String),
+    Failed(VmError),
 }
 
 /// State shared by the vCPU threads and the main thread.
@@ -218,9 +232,10 @@ impl VmShared {
     }
 
     fn end_with(&self, end: VmEnd) {
-        if let Ok(mut slot) = self.end.lock() {
-            slot.get_or_insert(end);
-        }
+        // Nothing panics while holding this lock, so a poisoned one still holds a sound value.
+        let mut slot = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert(end);
+        drop(slot);
         self.stopping.store(true, Ordering::Release);
         // The main loop wakes up and kicks the other vCPUs.
         let _ = self.wake.write(1);
@@ -232,8 +247,8 @@ impl VmShared {
     }
 
     /// Ends the VM because ibsvm itself failed.
-    pub fn fail(&self, why: String) {
-        self.end_with(VmEnd::Failed(why));
+    pub fn fail(&self, error: impl Into<VmError>) {
+        self.end_with(VmEnd::Failed(error.into()));
     }
 }
 
@@ -479,8 +494,10 @@ impl Vm {
             if let (0, Some((before, after))) = (id, family_model) {
                 log::info!("CPUID {before} takes a Linux IBS erratum path: the guest sees {after}");
             }
-            let cpuid = CpuId::from_entries(&entries)
-                .map_err(|_| VmError::Runtime("CPUID table too large".into()))?;
+            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::CpuidTooLarge {
+                id,
+                entries: entries.len(),
+            })?;
             let ibs = if ibs_on {
                 Some(VcpuIbs::for_backend(
                     &config.ibs,
@@ -580,7 +597,7 @@ impl Vm {
             match handle {
                 Ok(h) => threads.push(h),
                 Err(e) => {
-                    self.shared.fail(e.to_string());
+                    self.shared.fail(e);
                     break;
                 }
             }
@@ -596,7 +613,7 @@ impl Vm {
                 }),
             }
             if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
-                self.shared.fail(format!("event loop: {e:?}"));
+                self.shared.fail(VmError::EventLoop(e));
             }
             if last_round.elapsed() >= interval {
                 last_round = Instant::now();
@@ -612,13 +629,13 @@ impl Vm {
         }
         let mut exits = Counters::default();
         let mut profiles = Vec::new();
-        for t in threads {
+        for (id, t) in threads.into_iter().enumerate() {
             match t.join() {
                 Ok(report) => {
                     exits.merge(&report.counters);
                     profiles.push(report.profile);
                 }
-                Err(_) => self.shared.fail("a vCPU thread panicked".into()),
+                Err(_) => self.shared.fail(VmError::VcpuPanicked { id }),
             }
         }
         serial::flush_console(self.shared.devices().serial());
@@ -633,11 +650,17 @@ impl Vm {
             wall: self.started.elapsed(),
             guest_tsc_khz: self.guest_tsc_khz,
         };
-        let end = self.shared.end.lock().ok().and_then(|mut e| e.take());
-        match end {
-            Some(VmEnd::Guest(stop)) => Ok(RunReport { stop, stats }),
-            Some(VmEnd::Failed(why)) => Err(VmError::Runtime(why)),
-            None => Err(VmError::Runtime("the VM ended without a reason".into())),
+        // The loop above ran until `stopping`, which only `end_with` sets, after storing
+        // the end.
+        let end = self
+            .shared
+            .end
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match end.expect("the VM stops only through end_with, which stores its end") {
+            VmEnd::Guest(stop) => Ok(RunReport { stop, stats }),
+            VmEnd::Failed(error) => Err(error),
         }
     }
 }

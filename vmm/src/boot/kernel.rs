@@ -119,8 +119,6 @@ pub enum KernelError {
 /// A kernel in guest memory, ready to be entered.
 #[derive(Debug, Clone)]
 pub struct LoadedKernel {
-    /// Its format.
-    pub format: ImageFormat,
     /// Guest-physical 64-bit entry point.
     pub entry: u64,
     /// One past the last byte the kernel occupies.
@@ -323,7 +321,6 @@ pub fn load_kernel(
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(load_err)?;
             LoadedKernel {
-                format,
                 entry: r.kernel_load.0,
                 end: r.kernel_end,
                 setup_header: None,
@@ -357,7 +354,6 @@ pub fn load_kernel(
             // reads the memory map (boot.rst, "init_size"): nothing else may go there.
             let init_end = r.kernel_load.0 + u64::from(hdr.init_size);
             LoadedKernel {
-                format,
                 entry: r.kernel_load.0 + 0x200,
                 end: r.kernel_end.max(init_end),
                 setup_header: Some(hdr),

@@ -1,11 +1,11 @@
 //! Boot: everything written into guest memory before the first vCPU runs, in order —
 //! kernel, initramfs, command line, zero page with e820, MP table, GDT and page tables.
 
-pub mod cpu;
-pub mod image_check;
+pub(crate) mod cpu;
+pub(crate) mod image_check;
 pub mod kernel;
-pub mod mptable;
-pub mod zero_page;
+pub(crate) mod mptable;
+pub(crate) mod zero_page;
 
 use std::path::PathBuf;
 
@@ -13,7 +13,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{CMDLINE, CMDLINE_MAX, MMIO_HOLE_START};
-pub use kernel::{ImageFormat, LoadedKernel};
+pub use kernel::LoadedKernel;
 
 /// What to boot.
 #[derive(Debug, Clone)]

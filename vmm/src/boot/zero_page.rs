@@ -123,11 +123,9 @@ fn pod_bytes(params: &boot_params) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::kernel::ImageFormat;
 
     fn elf_kernel() -> LoadedKernel {
         LoadedKernel {
-            format: ImageFormat::Elf,
             entry: 0x100000,
             end: 0x200000,
             setup_header: None,
@@ -213,7 +211,6 @@ mod tests {
             ..Default::default()
         };
         let k = LoadedKernel {
-            format: ImageFormat::BzImage,
             setup_header: Some(hdr),
             ..elf_kernel()
         };

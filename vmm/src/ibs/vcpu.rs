@@ -73,6 +73,7 @@ pub const CPL0_EMULATION_SLOWDOWN: u64 = 1000;
 impl VcpuIbs {
     /// The device for vCPU `id` with the synthetic source; `emulated_cpl0` when the host's
     /// KVM emulates CPL0 code.
+    #[cfg(test)]
     pub fn new(
         settings: &IbsSettings,
         id: u8,

@@ -31,16 +31,11 @@ pub enum Exit<'a> {
     },
     /// MMIO read of an address no device claims.
     MmioRead {
-        /// Guest-physical address.
-        addr: u64,
         /// Bytes to fill.
         data: &'a mut [u8],
     },
     /// MMIO write of an address no device claims.
-    MmioWrite {
-        /// Guest-physical address.
-        addr: u64,
-    },
+    MmioWrite,
     /// RDMSR sent to userspace (filter, unknown or invalid).
     RdMsr {
         /// MSR index.
@@ -206,7 +201,7 @@ pub fn dispatch(
             data.fill(0xff);
             Outcome::Resume
         }
-        Exit::MmioWrite { .. } | Exit::Interrupted | Exit::Hlt => Outcome::Resume,
+        Exit::MmioWrite | Exit::Interrupted | Exit::Hlt => Outcome::Resume,
         Exit::RdMsr { index, data, .. } if Some(index) == policy.null_msr => {
             *data = 0;
             Outcome::Resume
@@ -387,13 +382,7 @@ mod tests {
     fn unclaimed_mmio_reads_all_ones() {
         let mut data = [0u8; 4];
         assert_eq!(
-            run(
-                Exit::MmioRead {
-                    addr: 0xd000_0000,
-                    data: &mut data
-                },
-                NORMAL
-            ),
+            run(Exit::MmioRead { data: &mut data }, NORMAL),
             Outcome::Resume
         );
         assert_eq!(data, [0xff; 4]);

@@ -63,9 +63,46 @@ pub enum VcpuError {
         /// errno.
         source: kvm_ioctls::Error,
     },
-    /// The guest's state is not what the VMM relies on.
-    #[error("vCPU: {0}")]
-    Guest(String),
+    /// The guest's IDT gate for #PF could not be read through its page tables.
+    #[error("vCPU {id}: cannot read the guest's #PF gate at {va:#x}")]
+    PfGateUnreadable {
+        /// vCPU index.
+        id: u8,
+        /// Guest virtual address of the gate.
+        va: u64,
+    },
+    /// The #PF exception frame on the guest stack could not be read.
+    #[error("vCPU {id}: cannot read the #PF frame at {rsp:#x}")]
+    PfFrameUnreadable {
+        /// vCPU index.
+        id: u8,
+        /// The guest's RSP.
+        rsp: u64,
+    },
+    /// A debug exit ibsvm did not ask for.
+    #[error("vCPU {id}: debug exit at {pc:#x}, not at the #PF trap")]
+    StrayDebugExit {
+        /// vCPU index.
+        id: u8,
+        /// Where.
+        pc: u64,
+    },
+    /// Another vCPU thread panicked while holding a lock this one needs.
+    #[error("vCPU {id}: the {what} lock is poisoned (another vCPU thread panicked)")]
+    Poisoned {
+        /// vCPU index.
+        id: u8,
+        /// Which lock.
+        what: &'static str,
+    },
+    /// The vCPU's kick timer could not be created or armed.
+    #[error("vCPU {id}: sample timer: {source}")]
+    Timer {
+        /// vCPU index.
+        id: u8,
+        /// The error.
+        source: std::io::Error,
+    },
     /// Completing an instruction failed on ibsvm's side.
     #[error("vCPU {id}: {insn} at {rip:#x}: {source}")]
     Completion {
@@ -79,8 +116,11 @@ pub enum VcpuError {
         source: XstateError,
     },
     /// Building an MSR list for KVM_SET_MSRS failed.
-    #[error("cannot build the boot MSR list")]
-    MsrList,
+    #[error("vCPU {id}: cannot build an MSR list for KVM_SET_MSRS")]
+    MsrList {
+        /// vCPU index.
+        id: u8,
+    },
     /// KVM's exit counter could not be read.
     #[error("vCPU {id}: {source}")]
     KvmExits {
@@ -204,7 +244,7 @@ impl Vcpu {
             data: msr::HWCR_TSC_FREQ_SEL,
             ..Default::default()
         }])
-        .map_err(|_| VcpuError::MsrList)?;
+        .map_err(|_| VcpuError::MsrList { id: self.id })?;
         if self
             .fd
             .set_msrs(&hwcr)
@@ -272,35 +312,38 @@ impl Vcpu {
                 .ok();
         }
         while !shared.stopping() {
-            if let Err(e) = self.arm_timer() {
-                shared.fail(format!("vCPU {}: sample timer: {e}", self.id));
+            if let Err(source) = self.arm_timer() {
+                shared.fail(VcpuError::Timer {
+                    id: self.id,
+                    source,
+                });
                 break;
             }
             match self.step(&shared) {
                 Ok(Outcome::Resume) => {}
                 Ok(Outcome::Complete(c)) => {
                     if let Err(e) = self.complete(c) {
-                        shared.fail(e.to_string());
+                        shared.fail(e);
                     }
                 }
                 Ok(Outcome::SyscallMsr { index, value }) => {
                     if let Err(e) = self.syscall_msr(&shared, index, value) {
-                        shared.fail(e.to_string());
+                        shared.fail(e);
                     }
                 }
                 Ok(Outcome::BridgeTrap { pc }) => {
-                    if let Err(e) = self.bridge_trap(&shared, pc) {
-                        shared.fail(e.to_string());
+                    if let Err(e) = self.bridge_trap(pc) {
+                        shared.fail(e);
                     }
                 }
                 Ok(Outcome::Stop(stop)) => shared.stop(self.locate(stop)),
-                Err(e) => shared.fail(e.to_string()),
+                Err(e) => shared.fail(e),
             }
             if let Err(e) = self.watch_halt(&shared) {
-                shared.fail(e.to_string());
+                shared.fail(e);
             }
             if let Err(e) = self.after_exit(&shared) {
-                shared.fail(e.to_string());
+                shared.fail(e);
             }
         }
         kick::withdraw();
@@ -475,8 +518,8 @@ impl Vcpu {
         let ran = match result {
             Ok(VcpuExit::IoIn(port, data)) => Ok(("exit.io_in", Exit::IoIn { port, data })),
             Ok(VcpuExit::IoOut(port, data)) => Ok(("exit.io_out", Exit::IoOut { port, data })),
-            Ok(VcpuExit::MmioRead(addr, data)) => Ok(("exit.mmio", Exit::MmioRead { addr, data })),
-            Ok(VcpuExit::MmioWrite(addr, _)) => Ok(("exit.mmio", Exit::MmioWrite { addr })),
+            Ok(VcpuExit::MmioRead(_, data)) => Ok(("exit.mmio", Exit::MmioRead { data })),
+            Ok(VcpuExit::MmioWrite(..)) => Ok(("exit.mmio", Exit::MmioWrite)),
             Ok(VcpuExit::X86Rdmsr(m)) => Ok((
                 "exit.rdmsr",
                 Exit::RdMsr {

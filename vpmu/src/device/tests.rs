@@ -107,6 +107,8 @@ fn linux_op_sampling_cycle_protect() {
     assert_eq!((s.interrupts_requested, s.interrupts_taken), (2, 2));
     assert_eq!(s.stale_val_reads, 0);
     assert_eq!(s.faults, 0);
+    // The stop's write carried Val; the start's CTL = 0 and the re-arms did not.
+    assert_eq!(s.val_written_back, 1);
 }
 
 #[test]
@@ -196,6 +198,10 @@ fn faults_are_gp_and_change_nothing() {
             "{index:#x} {value:#x}: {e}"
         );
         assert!(e.to_string().contains(&format!("{index:#x}")), "{e}");
+        if let MsrError::Reserved { name, .. } = e {
+            assert_eq!(Some(name), msr_name(index));
+            assert!(e.to_string().contains(&format!("({name})")), "{e}");
+        }
     }
     for index in [
         IBS_BR_TARGET,
@@ -221,6 +227,10 @@ fn faults_are_gp_and_change_nothing() {
     assert_eq!(v.save_state(), before);
     let s = v.stats();
     assert_eq!(s.faults, cases.len() as u64 + 10 + 2);
+    assert_eq!(
+        (s.msr_reads, s.msr_writes),
+        (5 + 1, cases.len() as u64 + 5 + 1)
+    );
     // OLD has RDWROPCNT and OPCNT: CurCnt and CntCtl are legal.
     v.wrmsr(IBS_OP_CTL, OP_CNT_CTL | (5 << 32), NO).unwrap();
     // With Zen 4 caps the extensions are legal too.
@@ -401,6 +411,49 @@ fn race_detected_in_faithful_mode() {
     let mut v = synthetic(cfg(Policy::Faithful, RaceCheck::Off));
     race_sequence(&mut v, NO, true);
     assert_eq!((v.take_race(), v.stats().races_detected), (None, 0));
+}
+
+#[test]
+fn a_handler_write_that_does_not_enable_is_no_race() {
+    let mut v = synthetic(cfg(Policy::Faithful, RaceCheck::Fail));
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    assert_eq!(run_to_sample(&mut v, 1), Some(Interrupt::Nmi));
+    let ctl = v.rdmsr(IBS_OP_CTL).unwrap();
+    v.wrmsr(IBS_OP_CTL, ctl & !OP_EN & !OP_MAX_CNT, NO).unwrap();
+    // In an NMI handler the guest reads the stale Val, then writes CTL without En.
+    let in_nmi = &|| true;
+    assert_eq!(v.rdmsr(IBS_OP_CTL).unwrap() & OP_VAL, OP_VAL);
+    v.wrmsr(IBS_OP_CTL, 0, in_nmi).unwrap();
+    assert_eq!((v.take_race(), v.stats().races_detected), (None, 0));
+}
+
+#[test]
+fn fetch_rand_en_randomizes_the_fetch_period() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    let mut fetch_periods = std::collections::BTreeSet::new();
+    for round in 0..16u64 {
+        v.set_guest_time(round << 20);
+        v.wrmsr(IBS_FETCH_CTL, FETCH_START | FETCH_RAND_EN, NO)
+            .unwrap();
+        let period = v.next_deadline().unwrap() - (round << 20);
+        assert!((0x10000 - 15..=0x10000).contains(&period), "{period:#x}");
+        fetch_periods.insert(period);
+        v.wrmsr(IBS_FETCH_CTL, 0, NO).unwrap();
+    }
+    assert!(fetch_periods.len() > 1, "RandEn changed nothing");
+}
+
+#[test]
+fn a_period_starts_at_the_guest_time_of_its_enabling_write() {
+    let config = cfg(Policy::Faithful, RaceCheck::Warn);
+    let mut v = synthetic(config);
+    assert_eq!(v.config(), &config);
+    linux_init(&mut v);
+    v.set_guest_time(5_000_000);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    assert_eq!(v.next_deadline(), Some(5_000_000 + 0x10000));
 }
 
 #[test]

@@ -66,7 +66,8 @@ impl Layout {
     }
 
     /// The components this layout can place, as a bitmap (x87 and SSE always).
-    pub fn components(&self) -> u64 {
+    #[cfg(test)]
+    fn components(&self) -> u64 {
         self.extended
             .iter()
             .fold(X87 | SSE, |m, &(i, _, _)| m | (1 << i))

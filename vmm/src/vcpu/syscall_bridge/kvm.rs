@@ -29,7 +29,7 @@ impl Vcpu {
             data: value,
             ..Default::default()
         }])
-        .map_err(|_| VcpuError::MsrList)?;
+        .map_err(|_| VcpuError::MsrList { id: self.id })?;
         self.fd
             .set_msrs(&msr)
             .map_err(self.ioctl_err("KVM_SET_MSRS"))?;
@@ -38,10 +38,10 @@ impl Vcpu {
         }
         let trap = {
             // Every vCPU shares the kernel's IDT: the first one to get here decides.
-            let mut shared_trap = shared
-                .pf_trap()
-                .lock()
-                .map_err(|_| VcpuError::Guest("pf trap lock".into()))?;
+            let mut shared_trap = shared.pf_trap().lock().map_err(|_| VcpuError::Poisoned {
+                id: self.id,
+                what: "#PF trap",
+            })?;
             match *shared_trap {
                 Some(trap) => trap,
                 None => {
@@ -69,9 +69,10 @@ impl Vcpu {
         let mut gate = [0u8; IDT_GATE_SIZE as usize];
         let gate_va = sregs.idt.base + VECTOR_PF * IDT_GATE_SIZE;
         if read_virt(&self.mem, sregs.cr3, gate_va, &mut gate) != gate.len() {
-            return Err(VcpuError::Guest(format!(
-                "cannot read the guest's #PF gate at {gate_va:#x}"
-            )));
+            return Err(VcpuError::PfGateUnreadable {
+                id: self.id,
+                va: gate_va,
+            });
         }
         let entry = gate_target(&gate);
         let mut code = [0u8; ENTRY_SCAN];
@@ -110,11 +111,7 @@ impl Vcpu {
     }
 
     /// The #PF trap fired at `pc`: complete a SYSCALL, or let an ordinary fault go on.
-    pub(in crate::vcpu) fn bridge_trap(
-        &mut self,
-        _shared: &VmShared,
-        pc: u64,
-    ) -> Result<(), VcpuError> {
+    pub(in crate::vcpu) fn bridge_trap(&mut self, pc: u64) -> Result<(), VcpuError> {
         if self.bridge.stepping {
             // The single step over the entry's first instruction is done: re-arm.
             self.bridge.stepping = false;
@@ -125,9 +122,7 @@ impl Vcpu {
             None => false,
         };
         if !at_trap {
-            return Err(VcpuError::Guest(format!(
-                "debug exit at {pc:#x}, not at the #PF trap"
-            )));
+            return Err(VcpuError::StrayDebugExit { id: self.id, pc });
         }
         let sregs = self
             .fd
@@ -136,9 +131,7 @@ impl Vcpu {
         let rsp = self.fd.sync_regs().regs.rsp;
         let mut bytes = [0u8; ExceptionFrame::SIZE];
         if read_virt(&self.mem, sregs.cr3, rsp, &mut bytes) != bytes.len() {
-            return Err(VcpuError::Guest(format!(
-                "cannot read the #PF frame at {rsp:#x}"
-            )));
+            return Err(VcpuError::PfFrameUnreadable { id: self.id, rsp });
         }
         if let Some(entry) = self.bridge.syscall_entry(&ExceptionFrame::parse(&bytes)) {
             let regs = &mut self.fd.sync_regs_mut().regs;
