@@ -1,7 +1,7 @@
 /*
  * apic.S - local APIC in x2APIC mode (SDM 10.12): everything is an MSR.
  * The in-kernel LAPIC of KVM handles these; AMD's extended LVTs (EILVT,
- * MSR 0x850+) are emulated by ibsvm (host-kvm.md).
+ * MSR 0x850+) are emulated by ibsvm (docs/host-kvm.md).
  */
 #include "macros.h"
 

@@ -4,7 +4,7 @@
 #     with physical == virtual address, the first one at 0x100000;
 #     startup_64 (the bzImage's 64-bit entry) = 0x100200.
 #  2. CPL0 code (.text) holds no instruction that KVM's emulator on the dev
-#     hosts cannot run (host-kvm.md: int3/int n, ud2, xsave/xrstor,
+#     hosts cannot run (docs/host-kvm.md: int3/int n, ud2, xsave/xrstor,
 #     cmpxchg16b, fwait, fences, SSE/AVX, popcnt...) and nothing objdump
 #     cannot decode.  .completedtext is CPL0 code that may also hold the
 #     instructions ibsvm completes for the guest (xsave64, xrstor64; xsetbv

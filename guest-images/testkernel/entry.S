@@ -36,7 +36,7 @@
  *  - i8042 at 0x60/0x64: writing 0xFE to port 0x64 resets = VM ends, status 0.
  *  - RDMSR/WRMSR of an MSR the VMM does not handle gets #GP injected.
  *  - CPL0 code is emulated by KVM on the dev hosts (~1.8M instr/s) and some
- *    instructions cannot be emulated there (host-kvm.md): CPL0 paths are
+ *    instructions cannot be emulated there (docs/host-kvm.md): CPL0 paths are
  *    short and use plain integer instructions; heavy loops run at CPL3.
  * ===============================================================================
  *

@@ -5,7 +5,7 @@
  * returns into user_entry, which executes `ud2` at user_done_ud2.  The #UD
  * handler (idt.S) recognises that exact RIP from CPL3 and jumps to
  * user_return_from_frame, which resumes run_user's caller.  (SYSCALL is
- * broken on the dev hosts and int n cannot be emulated: host-kvm.md.)
+ * broken on the dev hosts and int n cannot be emulated: docs/host-kvm.md.)
  * CPL3 code runs natively there, so heavy loops belong in .usertext.
  */
 #include "macros.h"

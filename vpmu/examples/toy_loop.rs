@@ -1,9 +1,10 @@
 //! Drive the virtual IBS device from a toy vCPU loop, without KVM.
 //!
-//! The "guest" is a few lines playing Linux's IBS driver (spec §3): it programs the extended
-//! LVT, enables op sampling, and its NMI handler reads each sample and re-arms the unit. The
-//! "VMM" loop runs the guest in time slices, stops at the device's deadlines, feeds sample
-//! points with the guest RIP, and injects the interrupts the device hands back.
+//! The "guest" is a few lines playing Linux's IBS driver
+//! ([device model §3](vpmu::device_model)): it programs the extended LVT, enables op sampling,
+//! and its NMI handler reads each sample and re-arms the unit. The "VMM" loop runs the guest
+//! in time slices, stops at the device's deadlines, feeds sample points with the guest RIP,
+//! and injects the interrupts the device hands back.
 //!
 //! Run: `cargo run -p vpmu --example toy_loop`
 

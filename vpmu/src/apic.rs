@@ -1,4 +1,5 @@
-//! The AMD extended APIC registers IBS needs, in x2APIC MSR form (spec §3, §5.2).
+//! The AMD extended APIC registers IBS needs, in x2APIC MSR form
+//! ([device model §3, §5.2](crate::device_model)).
 //!
 //! EFEAT (0x840) is read-only and reports 4 extended LVT entries; ECTRL (0x841) reads 0 and
 //! accepts only legal values (no extended feature is offered, so only 0); EILVT0–3
@@ -178,7 +179,7 @@ mod tests {
     #[test]
     fn linux_sequence_and_routes() {
         let mut a = ExtApic::default();
-        // Linux setup_APIC_eilvt: reserve (masked NMI) then unmask on every CPU (spec §3).
+        // Linux setup_APIC_eilvt: reserve (masked NMI) then unmask on every CPU (DEVICE.md §3).
         a.write(0x850, 0x0001_0400).unwrap();
         assert_eq!(a.route(0), LvtRoute::Masked);
         a.write(0x850, 0x0000_0400).unwrap();

@@ -1,7 +1,8 @@
 //! The IBS capability word (CPUID Fn8000_001B EAX) the device advertises, and named profiles.
 //!
-//! Bit numbers are Linux `arch/x86/include/asm/perf_event.h` `IBS_CAPS_*` (spec §2). The
-//! advertised word decides which MSRs exist and which CTL bits a guest may write.
+//! Bit numbers are Linux `arch/x86/include/asm/perf_event.h` `IBS_CAPS_*`
+//! ([device model §2](crate::device_model)). The advertised word decides which MSRs exist and
+//! which CTL bits a guest may write.
 
 use std::fmt;
 use std::str::FromStr;
@@ -58,19 +59,22 @@ cap_bits! {
     ZEN4 = 11;
     /// Bit 12: load-latency filter (perf_event.h `IBS_CAPS_OPLDLAT`); not modelled.
     OPLDLAT = 12;
-    /// Bit 13: CTL2 disable bits (spec §2 `DIS`); not modelled (spec §7).
+    /// Bit 13: CTL2 disable bits (perf_event.h `IBS_CAPS_DIS`); not modelled
+    /// ([device model §7](crate::device_model)).
     DIS = 13;
-    /// Bit 14: fetch latency filter (spec §2 `FETCHLAT`); not modelled.
+    /// Bit 14: fetch latency filter (perf_event.h `IBS_CAPS_FETCHLAT`); not modelled.
     FETCHLAT = 14;
-    /// Bit 15: RIP bit-63 filter (spec §2 `BIT63_FILTER`); not modelled.
+    /// Bit 15: RIP bit-63 filter (perf_event.h `IBS_CAPS_BIT63_FILTER`); not modelled.
     BIT63_FILTER = 15;
-    /// Bit 16: streaming-store / remote-socket filter (spec §2 `STRMST_RMTSOCKET`); not modelled.
+    /// Bit 16: streaming-store / remote-socket filter (perf_event.h
+    /// `IBS_CAPS_STRMST_RMTSOCKET`); not modelled.
     STRMST_RMTSOCKET = 16;
     /// Bit 19: op DTLB page size (perf_event.h `IBS_CAPS_OPDTLBPGSIZE`); not modelled.
     OPDTLBPGSIZE = 19;
 }
 
-/// Bits that every advertised word must carry (Linux falls back to 0x7 without them, spec §2).
+/// Bits that every advertised word must carry (Linux falls back to 0x7 without them,
+/// [device model §2](crate::device_model)).
 const REQUIRED: u32 = Caps::AVAIL | Caps::FETCHSAM | Caps::OPSAM;
 /// Bits whose behaviour this device models.
 const MODELLED: u32 = REQUIRED
@@ -155,13 +159,15 @@ impl Caps {
         self.0 & mask == mask
     }
 
-    /// Family 10h-era IBS: AVAIL, FETCHSAM, OPSAM, RDWROPCNT, OPCNT (0x1F, spec §2).
+    /// Family 10h-era IBS: AVAIL, FETCHSAM, OPSAM, RDWROPCNT, OPCNT
+    /// (0x1F, [device model §2](crate::device_model)).
     pub const PROFILE_OLD: Caps = Caps(0x1F);
-    /// Zen 2: bits 0–9 (0x3FF, spec §2).
+    /// Zen 2: bits 0–9 (0x3FF, [device model §2](crate::device_model)).
     pub const PROFILE_ZEN2: Caps = Caps(0x3FF);
-    /// Zen 3: same word as Zen 2 (0x3FF, spec §2).
+    /// Zen 3: same word as Zen 2 (0x3FF, [device model §2](crate::device_model)).
     pub const PROFILE_ZEN3: Caps = Caps(0x3FF);
-    /// Zen 4 without OPDATA4: bits 0–9 and ZEN4 (0xBFF, spec §2 and §7).
+    /// Zen 4 without OPDATA4: bits 0–9 and ZEN4
+    /// (0xBFF, [device model §2, §7](crate::device_model)).
     pub const PROFILE_ZEN4: Caps = Caps(0xBFF);
 }
 

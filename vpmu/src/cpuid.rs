@@ -1,4 +1,4 @@
-//! CPUID patching: advertise (or hide) IBS to the guest (spec §2).
+//! CPUID patching: advertise (or hide) IBS to the guest ([device model §2](crate::device_model)).
 //!
 //! The VMM hands the table it is about to give the vCPU (e.g. converted from
 //! `KVM_GET_SUPPORTED_CPUID`) as plain [`CpuidEntry`] values.

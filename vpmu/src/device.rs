@@ -72,7 +72,7 @@ pub enum ForcedIrq {
     /// After the guest's next write of the unit's CTL (re-checked then, like every
     /// interrupt): the sample landed while the guest's stop path was between reading CTL and
     /// writing it back, and the NMI arrives after the write — the hardware timing that leaves
-    /// {Val = 1, En = 0} behind in an unpatched Linux (spec §4).
+    /// {Val = 1, En = 0} behind in an unpatched Linux ([device model §4](crate::device_model)).
     AfterCtlWrite,
 }
 
@@ -198,7 +198,7 @@ impl<S: SampleSource> Vpmu<S> {
     fn read(&mut self, index: u32) -> Result<u64, MsrError> {
         let caps = self.config.caps;
         if index == IBS_CTL {
-            // IBS_CTL: LvtOffsetVal | offset (spec §3, §5.1).
+            // IBS_CTL: LvtOffsetVal | offset (DEVICE.md §3, §5.1).
             return Ok(IBS_CTL_LVT_OFFSET_VALID | IBS_LVT_OFFSET as u64);
         }
         if let Some(kind) = ctl_unit(index) {
@@ -209,7 +209,7 @@ impl<S: SampleSource> Vpmu<S> {
             return Ok(value);
         }
         if let Some(reg) = UnitKind::data_reg(index, caps) {
-            // PHYSADDR slots are never written, so they read 0 (spec §5.4).
+            // PHYSADDR slots are never written, so they read 0 (DEVICE.md §5.4).
             return Ok(self.units[reg.unit.index()].data[reg.slot]);
         }
         if is_ibs_msr(index) {
@@ -281,7 +281,7 @@ impl<S: SampleSource> Vpmu<S> {
         }
         let mut stored = value & !kind.ctl_ignored();
         if self.config.policy == Policy::Protect {
-            // Spec §5.8: Val is owned by the device.
+            // DEVICE.md §5.8: Val is owned by the device.
             stored &= !kind.val();
         }
         let unit = &mut self.units[kind.index()];
@@ -298,8 +298,9 @@ impl<S: SampleSource> Vpmu<S> {
         Ok(())
     }
 
-    /// Spec §5.9: in faithful mode, an enable written from an NMI handler right after a read
-    /// that presented a Val the device had not latched is a guest hitting the race.
+    /// [Device model §5.9](crate::device_model): in faithful mode, an enable written from an
+    /// NMI handler right after a read that presented a Val the device had not latched is a
+    /// guest hitting the race.
     fn check_race(&mut self, kind: UnitKind, value: u64, ctx: &dyn GuestContext) {
         let check = self.config.race_check;
         if self.config.policy != Policy::Faithful
@@ -329,10 +330,10 @@ impl<S: SampleSource> Vpmu<S> {
         });
     }
 
-    /// The unit starts counting (spec §5.7, clear-before-start). Its latched sample was
-    /// already dropped by the CTL write that got here; now (1) drop every in-flight sample of
-    /// earlier armings by opening a new epoch in the inbox, (2) mark the unit armed with that
-    /// epoch, (3) arm the source.
+    /// The unit starts counting ([device model §5.7](crate::device_model),
+    /// clear-before-start). Its latched sample was already dropped by the CTL write that got
+    /// here; now (1) drop every in-flight sample of earlier armings by opening a new epoch in
+    /// the inbox, (2) mark the unit armed with that epoch, (3) arm the source.
     fn start(&mut self, kind: UnitKind) {
         let epoch = self.inbox.open(kind);
         let unit = &mut self.units[kind.index()];
@@ -444,7 +445,8 @@ impl<S: SampleSource> Vpmu<S> {
         Ok(())
     }
 
-    /// Val went 0 → 1: raise one request if the LVT lets it through (spec §5.2, §5.6).
+    /// Val went 0 → 1: raise one request if the LVT lets it through
+    /// ([device model §5.2, §5.6](crate::device_model)).
     fn request_interrupt(&mut self) {
         match self.apic.route(IBS_LVT_OFFSET) {
             LvtRoute::Masked => self.stats.record_drop(DropReason::LvtMasked),
@@ -510,8 +512,9 @@ impl<S: SampleSource> Vpmu<S> {
         self.nmi_in_service = false;
     }
 
-    /// The first race detected since the last call (spec §5.9); log it, and stop the VM if
-    /// [`RaceEvent::fatal`]. [`Stats::races_detected`] counts them all.
+    /// The first race detected since the last call ([device model §5.9](crate::device_model));
+    /// log it, and stop the VM if [`RaceEvent::fatal`]. [`Stats::races_detected`] counts them
+    /// all.
     pub fn take_race(&mut self) -> Option<RaceEvent> {
         self.race.take()
     }

@@ -5,7 +5,8 @@
 //! IBS interrupt), embeddable by any VMM. It knows nothing about KVM: the embedder passes MSR
 //! indices and values, CPUID entries, sample points (guest RIP and run time), and injects the
 //! [`Interrupt`]s the device hands back. See `README.md` for the embedding glue and the threat
-//! model, and `docs/ibs-device.md` of the ibsvm project for the behaviour it implements.
+//! model, and [`device_model`] (the crate's `DEVICE.md`) for the behaviour it implements:
+//! comments cite its sections as "DEVICE.md §n".
 //!
 //! A typical vCPU loop:
 //! 1. [`patch_cpuid`] (or [`hide_ibs`]) on the CPUID table, [`Vpmu::new`] per vCPU;
@@ -26,6 +27,8 @@ pub mod apic;
 pub mod caps;
 pub mod cpuid;
 pub mod device;
+#[doc = include_str!("../DEVICE.md")]
+pub mod device_model {}
 pub mod msr;
 pub mod policy;
 pub mod source;

@@ -3,13 +3,14 @@
 //! Every constant names its source. "msr-index.h" is Linux
 //! `arch/x86/include/asm/msr-index.h`, "perf_event.h" is Linux
 //! `arch/x86/include/asm/perf_event.h`, "amd-ibs.h" is Linux
-//! `arch/x86/include/asm/amd-ibs.h` (the bitfield unions), "apicdef.h" is Linux
-//! `arch/x86/include/asm/apicdef.h`, and "spec §n" is `docs/ibs-device.md` of this project.
+//! `arch/x86/include/asm/amd-ibs.h` (the bitfield unions; `asm/amd/ibs.h` in newer trees),
+//! "apicdef.h" is Linux `arch/x86/include/asm/apicdef.h`, and "DEVICE.md §n" or "device model
+//! §n" is a section of this crate's `DEVICE.md`, the [device model](crate::device_model).
 
 use std::ops::RangeInclusive;
 
 // ---------------------------------------------------------------------------------------------
-// MSR indices (msr-index.h MSR_AMD64_IBS*, spec §1)
+// MSR indices (msr-index.h MSR_AMD64_IBS*, DEVICE.md §1)
 // ---------------------------------------------------------------------------------------------
 
 /// IBS fetch control and status (msr-index.h `MSR_AMD64_IBSFETCHCTL`).
@@ -38,11 +39,14 @@ pub const IBS_CTL: u32 = 0xC001_103A;
 pub const IBS_BR_TARGET: u32 = 0xC001_103B;
 /// Fetch extended control (msr-index.h `MSR_AMD64_ICIBSEXTDCTL`), present with caps FETCHCTLEXTD.
 pub const IBS_FETCH_CTL_EXT: u32 = 0xC001_103C;
-/// Op data 4 (msr-index.h `MSR_AMD64_IBSOPDATA4`); never advertised (spec §7), always #GP.
+/// Op data 4 (msr-index.h `MSR_AMD64_IBSOPDATA4`); never advertised
+/// ([device model §7](crate::device_model)), always #GP.
 pub const IBS_OP_DATA4: u32 = 0xC001_103D;
-/// Op control 2 of parts with caps DIS (spec §1); never advertised, always #GP.
+/// Op control 2 of parts with caps DIS ([device model §1](crate::device_model)); never
+/// advertised, always #GP.
 pub const IBS_OP_CTL2: u32 = 0xC001_103E;
-/// Fetch control 2 of parts with caps DIS (spec §1); never advertised, always #GP.
+/// Fetch control 2 of parts with caps DIS ([device model §1](crate::device_model)); never
+/// advertised, always #GP.
 pub const IBS_FETCH_CTL2: u32 = 0xC001_103F;
 
 /// The whole IBS MSR block a VMM should route to the device (its MSR filter range).
@@ -60,7 +64,8 @@ pub const X2APIC_EFEAT: u32 = 0x840;
 pub const X2APIC_ECTRL: u32 = 0x841;
 /// Extended interrupt LVT entry 0 (xAPIC offset 0x500, apicdef.h `APIC_EILVTn(0)`).
 pub const X2APIC_EILVT0: u32 = 0x850;
-/// Number of extended LVT entries the device implements (spec §5.2).
+/// Number of extended LVT entries the device implements
+/// ([device model §5.2](crate::device_model)).
 pub const EILVT_COUNT: usize = 4;
 /// The extended-LVT MSRs, EILVT0..=EILVT3.
 pub const X2APIC_EILVT_RANGE: RangeInclusive<u32> = X2APIC_EILVT0..=X2APIC_EILVT0 + 3;
@@ -132,7 +137,7 @@ pub(crate) const fn bits(hi: u32, lo: u32) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// IBS_FETCH_CTL (amd-ibs.h `union ibs_fetch_ctl`, perf_event.h IBS_FETCH_*, spec §1)
+// IBS_FETCH_CTL (amd-ibs.h `union ibs_fetch_ctl`, perf_event.h IBS_FETCH_*, DEVICE.md §1)
 // ---------------------------------------------------------------------------------------------
 
 /// IBS_FETCH_CTL\[15:0\] IbsFetchMaxCnt, period / 16 (perf_event.h `IBS_FETCH_MAX_CNT`).
@@ -167,7 +172,7 @@ pub const FETCH_ZEN4_STATUS: u64 = bits(61, 60);
 // IBS_FETCH_CTL[63:62] reserved (amd-ibs.h `reserved:2`).
 
 // ---------------------------------------------------------------------------------------------
-// IBS_OP_CTL (amd-ibs.h `union ibs_op_ctl`, perf_event.h IBS_OP_*, spec §1)
+// IBS_OP_CTL (amd-ibs.h `union ibs_op_ctl`, perf_event.h IBS_OP_*, DEVICE.md §1)
 // ---------------------------------------------------------------------------------------------
 
 /// IBS_OP_CTL\[15:0\] IbsOpMaxCnt\[15:0\], period / 16 (perf_event.h `IBS_OP_MAX_CNT`).
@@ -238,22 +243,23 @@ pub const OP_DATA3_VALID: u64 = !bits(12, 9);
 pub const FETCH_CTL_EXT_VALID: u64 = bits(15, 0);
 
 // ---------------------------------------------------------------------------------------------
-// IBS_CTL (perf_event.h `IBSCTL_LVT_OFFSET_*`, spec §3)
+// IBS_CTL (perf_event.h `IBSCTL_LVT_OFFSET_*`, DEVICE.md §3)
 // ---------------------------------------------------------------------------------------------
 
 /// IBS_CTL\[8\] LvtOffsetVal (perf_event.h `IBSCTL_LVT_OFFSET_VALID`).
 pub const IBS_CTL_LVT_OFFSET_VALID: u64 = bit(8);
 /// IBS_CTL\[3:0\] LvtOffset (perf_event.h `IBSCTL_LVT_OFFSET_MASK`).
 pub const IBS_CTL_LVT_OFFSET_MASK: u64 = bits(3, 0);
-/// The extended LVT entry this device routes the IBS interrupt through (spec §5.1: 0 is fine).
+/// The extended LVT entry this device routes the IBS interrupt through
+/// ([device model §5.1](crate::device_model): 0 is fine).
 pub const IBS_LVT_OFFSET: usize = 0;
 
 // ---------------------------------------------------------------------------------------------
-// Extended APIC registers (AMD APM vol. 2 §16.4.5 "Extended Interrupts"; spec §3, §5.2)
+// Extended APIC registers (AMD APM vol. 2 §16.4.5 "Extended Interrupts"; DEVICE.md §3, §5.2)
 // ---------------------------------------------------------------------------------------------
 
 /// EFEAT\[23:16\] XLC, the extended LVT count: 4 entries; IER, SEOI and 8-bit APIC-ID features
-/// (\[2:0\]) are not offered (spec §5.2: EFEAT reads 0x00040000).
+/// (\[2:0\]) are not offered ([device model §5.2](crate::device_model): EFEAT reads 0x00040000).
 pub const EFEAT_VALUE: u32 = (EILVT_COUNT as u32) << 16;
 /// ECTRL bits a guest may set. Bits \[2:0\] (IERN, SEOIEn, 8-bit ID) enable the features EFEAT
 /// \[2:0\] offers; none is offered, so only 0 is a legal value (other bits are reserved).
@@ -277,7 +283,8 @@ pub const EILVT_DELIVERY_STATUS: u32 = 1 << 12;
 pub const EILVT_MASKED: u32 = 1 << 16;
 /// EILVT bits a write may set; everything else is reserved and a write of it is #GP.
 pub const EILVT_WRITABLE: u32 = EILVT_VECTOR | EILVT_MSG_TYPE | EILVT_MASKED;
-/// EILVT reset value: masked, vector 0, fixed (spec §3: Linux requires the first read masked).
+/// EILVT reset value: masked, vector 0, fixed ([device model §3](crate::device_model): Linux
+/// requires the first read masked).
 pub const EILVT_RESET: u32 = EILVT_MASKED;
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Guest protection policy (spec §5.8) and race detection (spec §5.9).
+//! Guest protection policy ([device model §5.8](crate::device_model)) and race detection
+//! ([device model §5.9](crate::device_model)).
 
 use std::fmt;
 use std::str::FromStr;
@@ -111,8 +112,9 @@ pub enum NmiEvidence {
     GuestContext,
 }
 
-/// A guest kernel hitting the Linux IBS race (spec §4): it enabled a unit from an NMI handler
-/// right after the device presented a Val = 1 the device had not latched.
+/// A guest kernel hitting the Linux IBS race ([device model §4](crate::device_model)): it
+/// enabled a unit from an NMI handler right after the device presented a Val = 1 the device
+/// had not latched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RaceEvent {
@@ -149,6 +151,8 @@ mod tests {
         assert_eq!("protect".parse(), Ok(Policy::Protect));
         assert_eq!("faithful".parse(), Ok(Policy::Faithful));
         assert!("Protect".parse::<Policy>().is_err());
+        assert_eq!("off".parse(), Ok(RaceCheck::Off));
+        assert_eq!("warn".parse(), Ok(RaceCheck::Warn));
         assert_eq!("fail".parse(), Ok(RaceCheck::Fail));
         let e = "loud".parse::<RaceCheck>().unwrap_err();
         assert!(e.to_string().contains("off, warn, fail"));
@@ -159,5 +163,6 @@ mod tests {
     fn contexts() {
         assert!(!NoGuestContext.in_nmi());
         assert!((|| true).in_nmi());
+        assert!(!(|| false).in_nmi());
     }
 }

@@ -59,10 +59,11 @@ pub struct Stats {
     /// [`crate::Policy::Protect`]).
     pub stale_val_reads: u64,
     /// CTL writes carrying Val = 1 with En = 0: a stop path (Linux `perf_ibs_stop`)
-    /// writing back the CTL of a latched sample, the state the race starts from (spec §4).
-    /// Counted under both policies; [`crate::Policy::Protect`] stores them with Val = 0.
+    /// writing back the CTL of a latched sample, the state the race starts from
+    /// ([device model §4](crate::device_model)). Counted under both policies;
+    /// [`crate::Policy::Protect`] stores them with Val = 0.
     pub val_written_back: u64,
-    /// Guest IBS races detected (spec §5.9).
+    /// Guest IBS races detected ([device model §5.9](crate::device_model)).
     pub races_detected: u64,
     /// Samples forced by the race-reproduction hook ([`crate::Vpmu::force_sample`]).
     pub forced_samples: u64,

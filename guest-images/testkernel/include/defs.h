@@ -103,7 +103,7 @@
 #define MSR_X2APIC_ICR      0x830       /* 64-bit write; dest in 63:32 */
 #define MSR_X2APIC_LVT_LINT0 0x835
 #define MSR_X2APIC_LVT_LINT1 0x836
-/* AMD extended APIC space in x2APIC mode (ibs-device.md, host-kvm.md) */
+/* AMD extended APIC space in x2APIC mode (vpmu/DEVICE.md §5.2, docs/host-kvm.md) */
 #define MSR_X2APIC_EFEAT    0x840
 #define MSR_X2APIC_ECTRL    0x841
 #define MSR_X2APIC_EILVT0   0x850       /* EILVT n = 0x850 + n, n = 0..3 */
@@ -121,7 +121,7 @@
 #define ICR_SH_SELF         (1 << 18)
 #define ICR_SH_ALL_BUT_SELF (3 << 18)
 
-/* AMD IBS (ibs-device.md section 1; Linux msr-index.h) - for IBS tests */
+/* AMD IBS (vpmu/DEVICE.md §1; Linux msr-index.h) - for IBS tests */
 #define MSR_IBS_FETCH_CTL   0xC0011030
 #define MSR_IBS_FETCH_LINADDR 0xC0011031
 #define MSR_IBS_FETCH_PHYSADDR 0xC0011032
@@ -141,7 +141,7 @@
 #define MSR_IBS_FIRST       MSR_IBS_FETCH_CTL
 #define MSR_IBS_LAST        MSR_IBS_FETCH_CTL2
 
-/* IBS_FETCH_CTL bits (ibs-device.md section 1; perf_event.h IBS_FETCH_*) */
+/* IBS_FETCH_CTL bits (vpmu/DEVICE.md §1; perf_event.h IBS_FETCH_*) */
 #define IBS_FETCH_MAX_CNT   0xFFFF      /* 15:0, period / 16 */
 #define IBS_FETCH_CNT_SHIFT 16          /* 31:16 IbsFetchCnt */
 #define IBS_FETCH_EN_BIT    48
@@ -150,7 +150,7 @@
 #define IBS_FETCH_L3MISSONLY_BIT 59     /* needs caps ZEN4 */
 #define IBS_FETCH_RSVD_BIT  63          /* 63:62 reserved */
 
-/* IBS_OP_CTL bits (ibs-device.md section 1; perf_event.h IBS_OP_*) */
+/* IBS_OP_CTL bits (vpmu/DEVICE.md §1; perf_event.h IBS_OP_*) */
 #define IBS_OP_MAX_CNT      0xFFFF      /* 15:0, period / 16 */
 #define IBS_OP_L3MISSONLY   (1 << 16)   /* needs caps ZEN4 */
 #define IBS_OP_EN           (1 << 17)
@@ -164,7 +164,7 @@
 /* IBS_CTL (0xC001103A) as ibsvm presents it: LvtOffsetVal (bit 8) | offset 0 */
 #define IBS_CTL_VALUE       0x100
 
-/* CPUID (ibs-device.md section 2; Linux cpufeatures.h, perf_event.h IBS_CAPS_*) */
+/* CPUID (vpmu/DEVICE.md §2; Linux cpufeatures.h, perf_event.h IBS_CAPS_*) */
 #define CPUID_FEATURES      0x1
 #define CPUID_1_ECX_XSAVE   (1 << 26)   /* SDM vol. 2A CPUID Table 3-10 */
 #define CPUID_1_ECX_OSXSAVE (1 << 27)   /*   mirrors CR4.OSXSAVE */
@@ -339,7 +339,7 @@
 #define SIPI_VECTOR         (TRAMPOLINE_ADDR >> 12)
 
 /* Bounded waits, counted in loop iterations.  CPL0 code is emulated on the
- * dev hosts (host-kvm.md: ~1.8M instr/s; measured here on a 6-instruction
+ * dev hosts (docs/host-kvm.md: ~1.8M instr/s; measured here on a 6-instruction
  * wait loop with pause: ~6 us per iteration), so 2M iterations is ~10 s
  * there and milliseconds on hardware.  APs come up in milliseconds. */
 #define SMP_WAIT_LOOPS      2000000

@@ -7,7 +7,7 @@
  * register so they can be dropped anywhere.
  *
  * Code that runs at CPL0 is executed by KVM's instruction emulator on the
- * dev hosts (host-kvm.md): plain integer instructions only - no int3/int n,
+ * dev hosts (docs/host-kvm.md): plain integer instructions only - no int3/int n,
  * ud2, fences, SSE/AVX, xsave, cmpxchg16b, popcnt.  `make check` greps the
  * disassembly of the CPL0 sections for those.  CPL3 code goes in .usertext.
  */

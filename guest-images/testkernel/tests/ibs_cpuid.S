@@ -1,7 +1,7 @@
 /*
  * test=ibs-cpuid caps=0xNNN: what a Linux IBS driver checks in CPUID
- * (ibs-device.md section 2), read at CPL0 (at CPL3 the dev hosts answer
- * with their own CPUID, host-kvm.md):
+ * (vpmu/DEVICE.md §2), read at CPL0 (at CPL3 the dev hosts answer
+ * with their own CPUID, docs/host-kvm.md):
  *  - Fn8000_0000 EAX >= 0x8000001B;
  *  - Fn8000_0001 ECX bit 10 (IBS) and bit 3 (ExtApicSpace) set;
  *  - Fn8000_001B EAX == caps= from the command line, EBX = ECX = EDX = 0;

@@ -1,6 +1,6 @@
 /*
  * test=ibs-eilvt: the AMD extended APIC registers IBS interrupts go
- * through, in x2APIC MSR form (ibs-device.md sections 3 and 5.2; vpmu
+ * through, in x2APIC MSR form (vpmu/DEVICE.md §3 and §5.2; vpmu
  * src/apic.rs):
  *  - EILVT0-3 (0x850-0x853) read 0x00010000 (masked) at reset, EFEAT
  *    (0x840) reads 0x00040000, ECTRL (0x841) reads 0;

@@ -3,11 +3,11 @@
  * test itself.
  *
  *  - ibs_cpuid_caps: CPUID at CPL0 (at CPL3 the dev hosts answer with their
- *    own values, host-kvm.md), IBS capability word or 0.
+ *    own values, docs/host-kvm.md), IBS capability word or 0.
  *  - ibs_expect_gp_rd / ibs_expect_gp_wr: an MSR access must raise #GP.
  *  - ibs_setup_nmi: x2APIC on, EILVT0 = NMI unmasked, NMI hook installed.
  *  - ibs_nmi_hook: the sampling NMI handler.  Like Linux's perf_ibs_handle_irq
- *    (ibs-device.md section 3) it reads each unit's CTL, and if Val is set
+ *    (vpmu/DEVICE.md §3) it reads each unit's CTL, and if Val is set
  *    records the CTL and the sample address (IBS_OP_RIP / IBS_FETCH_LINADDR),
  *    then re-arms with CTL = En | MaxCnt (Val 0) until the unit's target
  *    count is reached, then writes CTL = 0.  It uses plain rdmsr/wrmsr (no
@@ -89,7 +89,7 @@ FUNC ibs_rdmsr
 ENDFUNC ibs_rdmsr
 
 /*
- * ibs_setup_nmi: the Linux-like set-up (ibs-device.md section 3): x2APIC
+ * ibs_setup_nmi: the Linux-like set-up (vpmu/DEVICE.md §3): x2APIC
  * on, EILVT0 (IBS_CTL offset 0) = 0x400 (NMI, unmasked), the sampling NMI
  * hook installed, the sample state cleared.  Fails the test on error.
  */

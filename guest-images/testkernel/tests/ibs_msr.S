@@ -1,6 +1,6 @@
 /*
  * test=ibs-msr: the IBS MSR file as the advertised caps (CPUID Fn8000_001B,
- * read at CPL0) define it, per ibs-device.md sections 1 and 5 and what
+ * read at CPL0) define it, per vpmu/DEVICE.md §1 and §5 and what
  * vpmu implements (vpmu/README.md; vpmu/src/unit.rs UnitKind::ctl_writable
  * and data_reg, vpmu/src/device.rs read/write):
  *  - existence: 0xC0011030-0xC001103A always; 0xC001103B (BR_TARGET) only

@@ -1,6 +1,6 @@
 /*
  * test=ibs-off (boot with `ibsvm run --ibs off`): a CPU without IBS, as
- * architecturally defined (APM vol. 3 CPUID; ibs-device.md section 2):
+ * architecturally defined (APM vol. 3 CPUID; vpmu/DEVICE.md §2):
  *  - CPUID (CPL0) Fn8000_0001 ECX[10] (IBS) = 0, and Fn8000_001B EAX = 0 if
  *    the leaf exists (Fn8000_0000 EAX >= 0x8000001B);
  *  - every MSR 0xC0011030-0xC001103F #GPs on read and on write of 0;

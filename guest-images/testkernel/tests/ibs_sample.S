@@ -1,6 +1,6 @@
 /*
  * test=ibs-sample: op and fetch sampling the way Linux drives it
- * (ibs-device.md section 3): x2APIC on, EILVT0 = 0x400 (NMI, unmasked),
+ * (vpmu/DEVICE.md §3): x2APIC on, EILVT0 = 0x400 (NMI, unmasked),
  * an NMI handler (tests/ibs_lib.S ibs_nmi_hook), then
  *  - op: IBS_OP_CTL = En | MaxCnt (IBS_OP_MAXCNT_TEST = 0x1000, 65536 ops),
  *    a CPL3 loop (ibs_user_wait) polls the sample count.  Each NMI must

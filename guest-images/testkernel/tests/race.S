@@ -1,7 +1,7 @@
 /*
  * test=race order=prefix|fixed [rounds=N] [stress=1] [seed=S]: the Linux IBS
  * driver's op-unit sequence, for real, against ibsvm's virtual IBS, to
- * reproduce the stale-IbsOpVal race (ibs-device.md sections 4-5; Linux
+ * reproduce the stale-IbsOpVal race (vpmu/DEVICE.md §4, §5; Linux
  * commit 1b044ff3c17e "perf/amd/ibs: Avoid race between event add and NMI").
  *
  * Modelled on arch/x86/events/amd/ibs.c of Linux 6.1 (the unpatched kernel

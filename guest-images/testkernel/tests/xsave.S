@@ -2,7 +2,7 @@
  * test=xsave: the XSAVE feature set as a kernel uses it to switch AVX
  * state between tasks (SDM vol. 1 ch. 13), with the architectural faults.
  * On the dev hosts KVM's emulator cannot run xsave/xrstor at CPL0
- * (host-kvm.md); ibsvm completes them, so this checks that completion.
+ * (docs/host-kvm.md); ibsvm completes them, so this checks that completion.
  *
  * A CPU without XSAVE (CPUID.1:ECX[26] clear) has none of it, and that is
  * what is checked then: CR4.OSXSAVE and CPUID.1:ECX[27] read clear,
@@ -146,7 +146,7 @@ test_xsave:
     je 26f
     FAIL "xsave: XCR0 does not read back 0x7"
     // CPL3 code runs natively: the hardware XCR0 there holds at least the
-    // guest's (on a CPL0-emulating host it is the host's own, host-kvm.md).
+    // guest's (on a CPL0-emulating host it is the host's own, docs/host-kvm.md).
 26: lea user_xgetbv(%rip), %rdi
     xor %esi, %esi
     xor %edx, %edx

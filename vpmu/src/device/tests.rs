@@ -34,7 +34,7 @@ fn synthetic(config: VpmuConfig) -> Vpmu {
     Vpmu::new(config, source)
 }
 
-/// Linux's EILVT setup (spec §3): read masked, reserve, unmask as NMI.
+/// Linux's EILVT setup (DEVICE.md §3): read masked, reserve, unmask as NMI.
 fn linux_init<S: SampleSource>(v: &mut Vpmu<S>) {
     assert_eq!(v.rdmsr(IBS_CTL), Ok(0x100));
     assert_eq!(v.rdmsr(0x850), Ok(0x0001_0000));
@@ -344,7 +344,7 @@ fn both_units_share_one_interrupt() {
     assert_eq!((s.interrupts_requested, s.interrupts_taken), (1, 1));
 }
 
-/// The Linux race (spec §4) on an unpatched guest: op stop writes back {Val=1, En=0}; the
+/// The Linux race (DEVICE.md §4) on an unpatched guest: op stop writes back {Val=1, En=0}; the
 /// start path sets STARTED; an NMI (here: the fetch unit's) arrives before the enable write;
 /// the handler reads op CTL, sees the stale Val and enables op from NMI context.
 fn race_sequence(v: &mut Vpmu, ctx: &dyn GuestContext, report_nmi: bool) {
@@ -558,6 +558,82 @@ fn forced_samples_need_a_counting_unit_and_a_willing_source() {
         Err(ForceError::Unsupported(UnitKind::Op))
     );
     assert_eq!(v.stats().forced_samples, 0);
+}
+
+/// Every configuration bit the caps allow survives a latch unchanged (Linux re-arms from
+/// the CTL it read, `perf_ibs_handle_irq`).
+#[test]
+fn configuration_bits_survive_a_latch() {
+    let mut v = synthetic(VpmuConfig {
+        caps: Caps::PROFILE_ZEN4,
+        ..VpmuConfig::default()
+    });
+    linux_init(&mut v);
+    let at = SamplePoint {
+        rip: 0x30,
+        guest_ns: 0,
+    };
+    for (unit, ctl_msr, config) in [
+        (
+            UnitKind::Op,
+            IBS_OP_CTL,
+            OP_MAX_CNT | OP_MAX_CNT_EXT | OP_L3_MISS_ONLY | OP_EN | OP_CNT_CTL,
+        ),
+        (
+            UnitKind::Fetch,
+            IBS_FETCH_CTL,
+            FETCH_MAX_CNT | FETCH_RAND_EN | FETCH_L3_MISS_ONLY | FETCH_EN,
+        ),
+    ] {
+        v.wrmsr(ctl_msr, config, NO).unwrap();
+        v.force_sample(unit, at, ForcedIrq::Now).unwrap();
+        let ctl = v.rdmsr(ctl_msr).unwrap();
+        assert_eq!(ctl & config, config, "{unit}: {ctl:#x}");
+        assert_ne!(ctl & unit.val(), 0, "{unit}: {ctl:#x}");
+    }
+}
+
+#[test]
+fn a_forced_sample_reuses_one_latched_but_not_yet_signalled() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    let due = v.next_deadline().unwrap();
+    assert!(v.sample_point(SamplePoint {
+        rip: 0x10,
+        guest_ns: due
+    }));
+    let later = SamplePoint {
+        rip: 0x20,
+        guest_ns: due + 1,
+    };
+    v.force_sample(UnitKind::Op, later, ForcedIrq::AfterCtlWrite)
+        .unwrap();
+    assert_eq!(
+        v.rdmsr(IBS_OP_RIP),
+        Ok(0x10),
+        "the period's own sample serves"
+    );
+    let s = v.stats();
+    assert_eq!((s.forced_samples, s.samples_latched), (1, 1));
+}
+
+#[test]
+fn an_nmi_that_returned_is_no_evidence() {
+    let mut v = synthetic(cfg(Policy::Faithful, RaceCheck::Warn));
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    assert_eq!(run_to_sample(&mut v, 1), Some(Interrupt::Nmi));
+    v.nmi_injected();
+    let ctl = v.rdmsr(IBS_OP_CTL).unwrap();
+    v.nmi_returned();
+    // Stop writes the latched CTL back; later, outside any NMI, the start path reads the
+    // stale Val and enables: unpatched, but not the race.
+    v.wrmsr(IBS_OP_CTL, ctl & !OP_EN & !OP_MAX_CNT, NO).unwrap();
+    assert_eq!(v.rdmsr(IBS_OP_CTL).unwrap() & OP_VAL, OP_VAL);
+    v.wrmsr(IBS_OP_CTL, OP_START, &|| false).unwrap();
+    assert_eq!(v.stats().stale_val_reads, 1);
+    assert_eq!((v.take_race(), v.stats().races_detected), (None, 0));
 }
 
 #[test]
@@ -824,7 +900,7 @@ fn interleavings(a: usize, b: usize) -> Vec<Vec<bool>> {
     out
 }
 
-/// Exhaustive interleaving check of "start vs deliver from another thread" (spec §5.7).
+/// Exhaustive interleaving check of "start vs deliver from another thread" (DEVICE.md §5.7).
 /// Inbox operations are single critical sections, so interleaving whole device operations
 /// covers every execution. Checked: no sample of an earlier arming is ever presented after a
 /// start, and no interrupt is handed out without a latched sample.
@@ -1076,9 +1152,30 @@ fn save_restore_roundtrip_and_validation() {
         }),
         StateError::StaleValUnderProtect { .. }
     ));
+    // Physical addresses are writable but ignored: a snapshot cannot hold one.
+    assert!(matches!(
+        bad(&|s| s.fetch.data[1] = 0x1000),
+        StateError::Reserved {
+            index: IBS_FETCH_PHYSADDR,
+            invalid: 0x1000,
+            ..
+        }
+    ));
+    assert!(matches!(
+        bad(&|s| s.op.data[3] = OP_DATA3_DC_PHY_ADDR_VALID),
+        StateError::Reserved {
+            index: IBS_OP_DATA3,
+            ..
+        }
+    ));
+    // EILVT1's delivery status (bit 12) is read-only.
     assert!(matches!(
         bad(&|s| s.eilvt[1] |= 1 << 12),
-        StateError::Apic(_)
+        StateError::Apic(ApicError::Reserved {
+            index: 0x851,
+            reserved: 0x1000,
+            ..
+        })
     ));
     assert!(matches!(bad(&|s| s.ectrl = 1), StateError::Apic(_)));
     // A guest-written Val is a legal state under Faithful.

@@ -2,10 +2,10 @@
 //! cross-thread [`SampleSink`].
 //!
 //! Every sample carries the [`Epoch`] of the unit arming it was produced for. The device
-//! starts a new epoch each time a unit starts counting (clear-before-start, spec §5.7) and
-//! rejects samples of any other epoch, so a sample that a backend buffered, or that a sampler
-//! thread is delivering at the very moment the guest restarts the unit, is never presented
-//! after the restart.
+//! starts a new epoch each time a unit starts counting (clear-before-start,
+//! [device model §5.7](crate::device_model)) and rejects samples of any other epoch, so a
+//! sample that a backend buffered, or that a sampler thread is delivering at the very moment
+//! the guest restarts the unit, is never presented after the restart.
 
 #[cfg(all(feature = "host-perf", target_os = "linux"))]
 pub mod host_perf;

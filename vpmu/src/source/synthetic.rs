@@ -1,4 +1,5 @@
-//! A sample source that works on any host: the VMM samples the vCPU itself (spec §6).
+//! A sample source that works on any host: the VMM samples the vCPU itself
+//! ([device model §6](crate::device_model)).
 //!
 //! **Scale.** The guest's period is MaxCnt × 16 events (fetches, ops or cycles); the source
 //! turns it into guest run time as `events × ns_per_op` nanoseconds (default 1 ns per event,

@@ -14,8 +14,9 @@
 //! samples without that filter/mode; the guest still sees its CTL as written).
 //!
 //! The period is MaxCnt × 16 (op MaxCnt with its OPCNTEXT bits \[26:20\] when the guest
-//! advertises OPCNTEXT), clamped to Linux's own minimums (fetch 0x10, op 0x90, spec §1) and to
-//! the host's maximum (MaxCnt's width on the host: 16 bits, or 23 for op with host OPCNTEXT).
+//! advertises OPCNTEXT), clamped to Linux's own minimums (fetch 0x10, op 0x90,
+//! [device model §1](crate::device_model)) and to the host's maximum (MaxCnt's width on the
+//! host: 16 bits, or 23 for op with host OPCNTEXT).
 //! The guest's CurCnt start value cannot be given to perf and is ignored. Only the period
 //! changes between armings with the same config ([`IbsEventConfig::same_event`]): that is a
 //! PERIOD ioctl, not a reopen.
@@ -76,9 +77,9 @@ pub const ATTR_EXCLUDE_ANY: u64 = ATTR_EXCLUDE_USER
     | ATTR_EXCLUDE_HOST
     | ATTR_EXCLUDE_GUEST;
 
-/// Linux's minimum fetch period (spec §1).
+/// Linux's minimum fetch period ([device model §1](crate::device_model)).
 pub const MIN_FETCH_PERIOD: u64 = 0x10;
-/// Linux's minimum op period (spec §1).
+/// Linux's minimum op period ([device model §1](crate::device_model)).
 pub const MIN_OP_PERIOD: u64 = 0x90;
 
 /// `struct perf_event_attr` up to `sig_data` (`PERF_ATTR_SIZE_VER7`, 128 bytes). The kernel

@@ -1,5 +1,5 @@
 //! Building blocks of a host-IBS sample source: guest IBS backed by the host's IBS through
-//! `perf_event_open(2)` on AMD hosts (spec §6).
+//! `perf_event_open(2)` on AMD hosts ([device model §6](crate::device_model)).
 //!
 //! **Why here, behind the `host-perf` feature.** The pieces are independent of KVM and of
 //! any VMM: an embedder on an AMD host can reuse them with its own vCPU threads, so they

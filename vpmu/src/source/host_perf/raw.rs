@@ -1,8 +1,8 @@
 //! Decoding of the `PERF_SAMPLE_RAW` payload of Linux's `ibs_fetch` / `ibs_op` events.
 //!
-//! Layout (Linux `arch/x86/events/amd/ibs.c`, `perf_ibs_handle_irq`; spec §6), little endian,
-//! no padding: a `u32` holding the host's IBS caps word (CPUID Fn8000_001B EAX), then `u64`
-//! registers in this order:
+//! Layout (Linux `arch/x86/events/amd/ibs.c`, `perf_ibs_handle_irq`;
+//! [device model §6](crate::device_model)), little endian, no padding: a `u32` holding the
+//! host's IBS caps word (CPUID Fn8000_001B EAX), then `u64` registers in this order:
 //!
 //! | unit | registers |
 //! |---|---|
@@ -16,7 +16,8 @@
 //! copied anywhere, and FETCH_CTL\[52\] PhyAddrValid and OP_DATA3\[18\] DcPhyAddrValid are
 //! cleared. (The kernel clears them only for readers that may not profile the kernel; a VMM
 //! with CAP_PERFMON or `perf_event_paranoid` <= 1 gets them, so this is the line of defence.)
-//! OP_DATA4 is read past and dropped: the device never advertises it (spec §7).
+//! OP_DATA4 is read past and dropped: the device never advertises it
+//! ([device model §7](crate::device_model)).
 
 use crate::caps::Caps;
 use crate::msr::{FETCH_PHY_ADDR_VALID, OP_DATA3_DC_PHY_ADDR_VALID};

@@ -42,7 +42,7 @@ use ibsvm_guest_checks::Check;
 
 /// Samples of this thread's user code that must fall in the busy loop, in percent. Not
 /// more: the loop is where the thread spends nearly all of its *instructions*, but samples
-/// follow the vCPU's run time, and on a host that emulates guest kernel code (host-kvm.md)
+/// follow the vCPU's run time, and on a host that emulates guest kernel code (docs/host-kvm.md)
 /// the first touch of a new page costs the vCPU a lot of it with the RIP still at the
 /// touching user instruction: in loaded runs up to 15% of the samples sat at the entries
 /// of memset/memmove and in malloc, called by the ring drain between chunks. 75% of a
