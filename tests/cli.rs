@@ -57,12 +57,13 @@ fn finish(mut child: Child) -> (Option<i32>, String) {
 }
 
 /// Exit status `code`, an `ibsvm: error:` line mentioning `needle`, and no panic.
+/// ibsvm's own errors start "ibsvm: error:", usage errors (clap's) "error:".
 fn assert_error(run: &Run, code: i32, needle: &str) {
     assert_eq!(run.code(), code, "{run}");
     let line = run
         .stderr
         .lines()
-        .find(|l| l.starts_with("ibsvm: error:"))
+        .find(|l| l.starts_with("ibsvm: error:") || l.starts_with("error:"))
         .unwrap_or_else(|| panic!("no error line\n{run}"));
     assert!(
         line.contains(needle),
@@ -77,12 +78,18 @@ fn assert_error(run: &Run, code: i32, needle: &str) {
 
 #[test]
 fn usage_errors_exit_2() {
-    assert_error(&ibsvm(&[], DEADLINE), 2, "missing command");
-    assert_error(&ibsvm(&["run"], DEADLINE), 2, "--kernel");
+    // No command: the usage, on stderr.
+    let run = ibsvm(&[], DEADLINE);
+    assert_eq!(run.code(), 2, "{run}");
+    assert!(run.stderr.contains("Usage: ibsvm <COMMAND>"), "{run}");
+    assert!(run.stdout.is_empty(), "{run}");
+    let run = ibsvm(&["run"], DEADLINE);
+    assert_error(&run, 2, "required arguments were not provided");
+    assert!(run.stderr.contains("--kernel <PATH>"), "{run}");
     assert_error(
         &ibsvm(&["run", "--kernel", "k", "--bogus"], DEADLINE),
         2,
-        "unknown option `--bogus`",
+        "unexpected argument '--bogus'",
     );
     assert_error(
         &ibsvm(&["run", "--kernel", "k", "--cpus", "0"], DEADLINE),
@@ -92,19 +99,34 @@ fn usage_errors_exit_2() {
     assert_error(
         &ibsvm(&["run", "--kernel", "k", "--cpus", "33"], DEADLINE),
         2,
-        "expected 1..=32",
+        "not in 1..=32",
     );
     assert_error(
         &ibsvm(&["run", "--kernel", "k", "--memory", "lots"], DEADLINE),
         2,
         "--memory",
     );
-    assert_error(&ibsvm(&["run", "--kernel"], DEADLINE), 2, "needs a value");
+    assert_error(
+        &ibsvm(&["run", "--kernel"], DEADLINE),
+        2,
+        "a value is required for '--kernel <PATH>'",
+    );
+    assert_error(
+        &ibsvm(
+            &["run", "--kernel", "k", "--ibs", "off", "--ibs-seed", "1"],
+            DEADLINE,
+        ),
+        2,
+        "`--ibs-seed` cannot be used with `--ibs off`",
+    );
 }
 
 #[test]
 fn help_lists_every_option() {
     let run = ibsvm(&["--help"], DEADLINE);
+    assert_eq!(run.code(), 0);
+    assert!(run.stdout.contains("run"), "{run}");
+    let run = ibsvm(&["run", "--help"], DEADLINE);
     assert_eq!(run.code(), 0);
     for flag in [
         "--kernel",
@@ -185,7 +207,7 @@ fn non_utf8_paths_work_and_a_non_utf8_cmdline_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("invalid value `test=\u{fffd}` for `--cmdline`: not valid UTF-8"),
+        stderr.contains("invalid value 'test=\u{fffd}' for '--cmdline': not valid UTF-8"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use ibsvm::cli::{self, Command, USAGE};
-use ibsvm::stop::{EXIT_USAGE, EXIT_VMM_ERROR};
+use ibsvm::cli::{self, Command};
+use ibsvm::stop::{GuestStop, EXIT_VMM_ERROR};
 use ibsvm::vm::Vm;
 
 fn main() -> ExitCode {
@@ -11,35 +11,27 @@ fn main() -> ExitCode {
     let command = match cli::parse(std::env::args_os().skip(1)) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ibsvm: error: {e}\n(see `ibsvm --help`)");
-            return ExitCode::from(EXIT_USAGE);
+            // Usage errors (status 2), or --help and --version (status 0).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_VMM_ERROR));
         }
     };
-    match command {
-        Command::Help => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("ibsvm {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Command::Run { config, stats } => match Vm::build(&config).and_then(Vm::run) {
-            Ok(report) => {
-                if stats {
-                    eprint!("{}", report.stats);
-                }
-                let status = report.stop.exit_status();
-                match &report.stop {
-                    s @ ibsvm::stop::GuestStop::Crash { .. } => eprintln!("ibsvm: error: {s}"),
-                    s => log::info!("{s}; exit status {status}"),
-                }
-                ExitCode::from(status)
+    let Command::Run { config, stats } = command;
+    match Vm::build(&config).and_then(Vm::run) {
+        Ok(report) => {
+            if stats {
+                eprint!("{}", report.stats);
             }
-            Err(e) => {
-                eprintln!("ibsvm: error: {e}");
-                ExitCode::from(EXIT_VMM_ERROR)
+            let status = report.stop.exit_status();
+            match &report.stop {
+                s @ GuestStop::Crash { .. } => eprintln!("ibsvm: error: {s}"),
+                s => log::info!("{s}; exit status {status}"),
             }
-        },
+            ExitCode::from(status)
+        }
+        Err(e) => {
+            eprintln!("ibsvm: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
     }
 }

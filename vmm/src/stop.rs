@@ -9,8 +9,7 @@ pub const EXIT_GUEST_CRASH: u8 = 120;
 pub const EXIT_IBS_RACE: u8 = 121;
 /// Exit status when ibsvm itself failed (bad input, KVM errors).
 pub const EXIT_VMM_ERROR: u8 = 1;
-/// Exit status for command-line usage errors.
-pub const EXIT_USAGE: u8 = 2;
+// Usage errors exit with status 2, clap's.
 
 /// How a guest crashed.
 #[derive(Debug, Clone, PartialEq, Eq)]

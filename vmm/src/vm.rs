@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootSpec};
+use crate::cli::TscScale;
 use crate::cpuid::{self, CpuidPolicy};
 use crate::devices::serial::{self, StdinForwarder, COM1_IRQ};
 use crate::devices::PioDevices;
@@ -49,8 +50,17 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::X86UserSpaceMsr, "MSR emulation in userspace"),
 ];
 
+/// The kernel command line a Linux kernel gets without `--cmdline`: the console on COM1,
+/// no PCI and no ACPI (the VM has neither: CPUs and I/O APIC come from an MP table), reboot
+/// through the i8042 (which ends the VM) and no hanging on a panic.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 pci=off acpi=off reboot=k panic=-1";
+
+/// `--linux-tsc-scale auto` on a CPL0-emulating host: an emulated 250 Hz tick costs about a
+/// tick period of wall time, so the guest would spend its CPU on ticks.
+pub const AUTO_TSC_SCALE_CPL0_EMULATION: u32 = 10;
+
 /// When to apply what a guest needs on a host whose KVM emulates CPL0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuirkMode {
     /// Detect the host.
     Auto,
@@ -71,8 +81,8 @@ pub struct VmConfig {
     pub ibs: IbsSettings,
     /// `--guest-profile`: where to write the guest RIP samples.
     pub guest_profile: Option<PathBuf>,
-    /// `--linux-tsc-scale`: tell a Linux guest its TSC runs this many times faster (1 = off).
-    pub linux_tsc_scale: u32,
+    /// `--linux-tsc-scale`: tell a Linux guest its TSC runs this many times faster.
+    pub linux_tsc_scale: TscScale,
     /// `--null-msr`: an MSR answered with no device (benchmark baseline).
     pub null_msr: Option<u32>,
 }
@@ -516,7 +526,15 @@ impl Vm {
             vcpu.configure(&cpuid, (id == 0).then_some(kernel.entry))?;
             vcpus.push(vcpu);
         }
-        let (cmdline, added) = guest_cmdline(&spec.cmdline, emulated_cpl0 && kernel.is_linux);
+        let user_cmdline = match (&spec.cmdline, kernel.is_linux) {
+            (Some(cmdline), _) => cmdline.as_str(),
+            (None, true) => {
+                log::info!("no --cmdline: the Linux kernel gets \"{DEFAULT_LINUX_CMDLINE}\"");
+                DEFAULT_LINUX_CMDLINE
+            }
+            (None, false) => "",
+        };
+        let (cmdline, added) = guest_cmdline(user_cmdline, emulated_cpl0 && kernel.is_linux);
         if emulated_cpl0 {
             let why = match config.quirks {
                 QuirkMode::Auto => host.evidence.as_str(),
@@ -530,13 +548,22 @@ impl Vm {
             log::info!("host KVM emulates guest CPL0 ({why}): hiding CPUID CX16, completing int3/fwait/fences/xgetbv/xsave/xrstor and routing system calls in ibsvm{params}");
         }
         let guest_tsc_khz = vcpus[0].tsc_khz()?;
-        let cmdline = match (config.linux_tsc_scale, kernel.is_linux) {
+        let tsc_scale = match config.linux_tsc_scale {
+            TscScale::Fixed(scale) => scale,
+            TscScale::Auto if emulated_cpl0 => AUTO_TSC_SCALE_CPL0_EMULATION,
+            TscScale::Auto => 1,
+        };
+        let cmdline = match (tsc_scale, kernel.is_linux) {
             (scale @ 2.., true) => {
                 let param = format!(
                     "tsc_early_khz={}",
                     u64::from(guest_tsc_khz) * u64::from(scale)
                 );
-                log::info!("--linux-tsc-scale {scale}: appended {param} (guest timers fire {scale}x later in wall time)");
+                let why = match config.linux_tsc_scale {
+                    TscScale::Auto => "auto: an emulated tick costs about a tick period; --linux-tsc-scale 1 turns it off",
+                    TscScale::Fixed(_) => "as asked",
+                };
+                log::info!("--linux-tsc-scale {scale} ({why}): appended {param} (guest timers fire {scale}x later in wall time)");
                 format!("{cmdline} {param}")
             }
             _ => cmdline,

@@ -22,8 +22,8 @@ pub struct BootSpec {
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,
-    /// Command line given by the user.
-    pub cmdline: String,
+    /// Command line given by the user (`None`: the default for the kernel's kind).
+    pub cmdline: Option<String>,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// vCPU count.

@@ -15,7 +15,7 @@ use vpmu::{Caps, Policy, RaceCheck};
 pub use vpmu::source::host_perf::EVENT_SOURCE_DEVICES;
 
 /// `--ibs`: where guest IBS samples come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum IbsMode {
     /// Host IBS when the host has it, else synthetic.
     Auto,

@@ -372,7 +372,7 @@ impl VcpuDevices for VcpuIbs {
 mod tests {
     use super::*;
 
-    // Linux's op-unit sequence (spec §3), driven through the embedder glue.
+    // Linux's op-unit sequence (vpmu/DEVICE.md §3), driven through the embedder glue.
     const IBS_OP_CTL: u32 = 0xc001_1033;
     const EILVT0: u32 = 0x850;
     const OP_EN: u64 = 1 << 17;
