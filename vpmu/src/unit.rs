@@ -361,6 +361,15 @@ mod tests {
         assert_eq!(w4 & bits(63, 59), 0, "load latency never writable");
         let only = Caps::new(0x7).unwrap();
         assert_eq!(UnitKind::Op.ctl_writable(only), OP_MAX_CNT | OP_EN | OP_VAL);
+        // IBS_OP_DATA: latencies, branch bits, RipInvalid, Microcode; BrnFuse with OPBRNFUSE.
+        let op_data = OP_DATA_LATENCIES | OP_DATA_BRANCH | OP_DATA_RIP_INVALID | OP_DATA_MICROCODE;
+        let reg = |caps| UnitKind::data_reg(IBS_OP_DATA, caps).unwrap();
+        assert_eq!((reg(old).writable, reg(old).ignored), (op_data, 0));
+        assert_eq!(reg(zen4).writable, op_data | OP_DATA_BRN_FUSE);
+        assert_eq!(
+            (UnitKind::Fetch.to_string(), UnitKind::Op.to_string()),
+            ("fetch".into(), "op".into())
+        );
         // Fetch: every field through L2Miss (bit 58); Zen 4 adds L3MissOnly, OcMiss, L3Miss.
         assert_eq!(UnitKind::Fetch.ctl_writable(old), bits(58, 0));
         assert_eq!(UnitKind::Fetch.ctl_writable(zen4), bits(61, 0));
