@@ -12,7 +12,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::boot::BootSpec;
 use crate::ibs::{IbsMode, IbsSettings};
-use crate::vm::{QuirkMode, VmConfig};
+use crate::vm::{QuirkMode, TscScale, VmConfig};
 
 /// What the command line asks for.
 #[derive(Debug, Clone)]
@@ -154,15 +154,6 @@ struct RunArgs {
     /// ibsvm relies on (APIC_BASE, x2APIC, EFER, LSTAR, SFMASK, HWCR).
     #[arg(long, value_name = "INDEX", value_parser = parse_null_msr, help_heading = "Benchmarking")]
     null_msr: Option<u32>,
-}
-
-/// `--linux-tsc-scale`: a factor, or chosen from the host and the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TscScale {
-    /// 10 on CPL0-emulating hosts for a Linux kernel, else 1.
-    Auto,
-    /// This factor (1 = off).
-    Fixed(u32),
 }
 
 fn parse_tsc_scale(text: &str) -> Result<TscScale, String> {

@@ -17,6 +17,7 @@ pub(crate) mod cpuid;
 pub(crate) mod devices;
 pub mod host;
 pub(crate) mod ibs;
+pub(crate) mod kick;
 pub mod layout;
 pub mod logger;
 pub(crate) mod memory;

@@ -3,15 +3,15 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use thiserror::Error;
@@ -19,23 +19,23 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootSpec};
-use crate::cli::TscScale;
 use crate::cpuid::{self, CpuidPolicy};
 use crate::devices::serial::{self, StdinForwarder, COM1_IRQ};
 use crate::devices::PioDevices;
 use crate::host::{HostKvm, CPL0_EMULATION_LINUX_PARAMS};
 use crate::ibs::vcpu::VcpuIbs;
 use crate::ibs::{self, IbsBackend, IbsSelectError, IbsSettings};
-use crate::layout::{KVM_TSS, LAPIC_BASE};
+use crate::kick;
+use crate::layout::KVM_TSS;
 use crate::memory::{self, MemoryError};
 use crate::msr;
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
+use crate::vcpu::context::{VcpuContext, VmEnd};
 use crate::vcpu::exit::DispatchPolicy;
-use crate::vcpu::halt::{self, HaltWatch};
+use crate::vcpu::halt;
 use crate::vcpu::profile::GuestProfiler;
-use crate::vcpu::syscall_bridge::PfTrap;
-use crate::vcpu::{kick, Vcpu, VcpuError, VcpuReport};
+use crate::vcpu::{Vcpu, VcpuError, VcpuReport};
 use vpmu::IBS_MSR_RANGE;
 
 /// Capabilities ibsvm cannot run without, and why.
@@ -58,6 +58,15 @@ pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 pci=off acpi=off reboot=k
 /// `--linux-tsc-scale auto` on a CPL0-emulating host: an emulated 250 Hz tick costs about a
 /// tick period of wall time, so the guest would spend its CPU on ticks.
 pub const AUTO_TSC_SCALE_CPL0_EMULATION: u32 = 10;
+
+/// `--linux-tsc-scale`: a factor, or chosen from the host and the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TscScale {
+    /// 10 on CPL0-emulating hosts for a Linux kernel, else 1.
+    Auto,
+    /// This factor (1 = off).
+    Fixed(u32),
+}
 
 /// When to apply what a guest needs on a host whose KVM emulates CPL0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -190,78 +199,6 @@ fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
 }
 
-/// How the VM ended.
-#[derive(Debug)]
-enum VmEnd {
-    Guest(GuestStop),
-    Failed(VmError),
-}
-
-/// State shared by the vCPU threads and the main thread.
-pub struct VmShared {
-    vm: VmFd,
-    pf_trap: Mutex<Option<PfTrap>>,
-    devices: PioDevices,
-    end: Mutex<Option<VmEnd>>,
-    stopping: AtomicBool,
-    wake: EventFd,
-    halt: HaltWatch,
-}
-
-impl VmShared {
-    /// The port-I/O devices.
-    pub fn devices(&self) -> &PioDevices {
-        &self.devices
-    }
-
-    /// Sends a fixed interrupt with `vector` to the local APIC `apic_id` (an MSI, Intel SDM
-    /// vol. 3A §10.11: address 0xFEEx_x000 with the destination ID in bits 19:12, data =
-    /// vector with fixed delivery, edge-triggered).
-    pub fn send_fixed_interrupt(&self, apic_id: u8, vector: u8) -> Result<(), kvm_ioctls::Error> {
-        let msi = kvm_msi {
-            address_lo: (LAPIC_BASE as u32) | (u32::from(apic_id) << 12),
-            data: u32::from(vector),
-            ..Default::default()
-        };
-        self.vm.signal_msi(msi).map(drop)
-    }
-
-    /// The check for a guest that halted for good.
-    pub fn halt_watch(&self) -> &HaltWatch {
-        &self.halt
-    }
-
-    /// How the syscall bridge traps the guest's #PF entry (decided by the first vCPU).
-    pub fn pf_trap(&self) -> &Mutex<Option<PfTrap>> {
-        &self.pf_trap
-    }
-
-    /// Whether the VM is ending.
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
-    fn end_with(&self, end: VmEnd) {
-        // Nothing panics while holding this lock, so a poisoned one still holds a sound value.
-        let mut slot = self.end.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.get_or_insert(end);
-        drop(slot);
-        self.stopping.store(true, Ordering::Release);
-        // The main loop wakes up and kicks the other vCPUs.
-        let _ = self.wake.write(1);
-    }
-
-    /// Ends the VM because of the guest (the first reason wins).
-    pub fn stop(&self, stop: GuestStop) {
-        self.end_with(VmEnd::Guest(stop));
-    }
-
-    /// Ends the VM because ibsvm itself failed.
-    pub fn fail(&self, error: impl Into<VmError>) {
-        self.end_with(VmEnd::Failed(error.into()));
-    }
-}
-
 /// Wakes the event loop when a vCPU ends the VM.
 struct WakeOnStop(EventFd);
 
@@ -291,7 +228,7 @@ pub struct Vm {
     /// `--guest-profile`: created before the guest runs, so that a path that cannot be
     /// written is an error up front, not after the whole run.
     guest_profile: Option<(PathBuf, std::fs::File)>,
-    shared: Arc<VmShared>,
+    context: Arc<VcpuContext>,
     vcpus: Vec<Vcpu>,
     started: Instant,
     guest_tsc_khz: u32,
@@ -468,15 +405,10 @@ impl Vm {
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(ioctl_err("KVM_IRQFD(COM1)"))?;
         let console = serial::console(irq).map_err(host_err("serial console"))?;
-        let shared = Arc::new(VmShared {
-            vm,
-            pf_trap: Mutex::new(None),
-            devices: PioDevices::new(console),
-            end: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("stop eventfd"))?,
-            halt: HaltWatch::new(usize::from(spec.cpus)),
-        });
+        let context = Arc::new(
+            VcpuContext::new(vm, PioDevices::new(console), usize::from(spec.cpus))
+                .map_err(host_err("stop eventfd"))?,
+        );
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -488,8 +420,8 @@ impl Vm {
         };
         let mut vcpus = Vec::with_capacity(spec.cpus.into());
         for id in 0..spec.cpus {
-            let fd = shared
-                .vm
+            let fd = context
+                .vm()
                 .create_vcpu(id.into())
                 .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
             let mut entries = supported.as_slice().to_vec();
@@ -572,7 +504,7 @@ impl Vm {
         Ok(Self {
             _kvm: kvm,
             guest_profile,
-            shared,
+            context,
             vcpus,
             started,
             guest_tsc_khz,
@@ -592,11 +524,7 @@ impl Vm {
                     source: std::io::Error::other(format!("{e:?}")),
                 }
             })?;
-        let wake = self
-            .shared
-            .wake
-            .try_clone()
-            .map_err(host_err("stop eventfd"))?;
+        let wake = self.context.wake_fd().map_err(host_err("stop eventfd"))?;
         events.add_subscriber(Arc::new(Mutex::new(WakeOnStop(wake))));
         // SIGINT and SIGTERM stop the VM the normal way, so that --stats and the profile
         // are still written; a second one ends ibsvm at once (a VM that does not stop).
@@ -610,41 +538,45 @@ impl Vm {
                 })
                 .map_err(host_err("SIGINT/SIGTERM handler"))?;
         }
-        let stdin = StdinForwarder::new(self.shared.devices().serial().clone())
+        let stdin = StdinForwarder::new(self.context.devices().serial().clone())
             .map_err(host_err("stdin forwarding"))?;
         events.add_subscriber(Arc::new(Mutex::new(stdin)));
 
+        // A failure of the main thread's own; the vCPUs report theirs through the context.
+        let mut failure = None;
         let mut threads: Vec<JoinHandle<VcpuReport>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
-            let shared = self.shared.clone();
+            let context = self.context.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run(shared))
+                .spawn(move || vcpu.run(&context))
                 .map_err(host_err("spawning a vCPU thread"));
             match handle {
                 Ok(h) => threads.push(h),
                 Err(e) => {
-                    self.shared.fail(e);
+                    failure = Some(e);
+                    self.context.request_stop();
                     break;
                 }
             }
         }
         let mut last_round = Instant::now();
         let interval = halt::CHECK_INTERVAL;
-        while !self.shared.stopping() {
+        while !self.context.stopping() {
             // A signal also cuts the event loop's wait short (EINTR).
             match interrupted.load(Ordering::Relaxed) {
                 0 => {}
-                signal => self.shared.stop(GuestStop::Interrupted {
+                signal => self.context.stop(GuestStop::Interrupted {
                     signal: signal as i32,
                 }),
             }
             if let Err(e) = events.run_with_timeout(interval.as_millis() as i32) {
-                self.shared.fail(VmError::EventLoop(e));
+                failure.get_or_insert(VmError::EventLoop(e));
+                self.context.request_stop();
             }
             if last_round.elapsed() >= interval {
                 last_round = Instant::now();
-                for id in self.shared.halt_watch().next_round() {
+                for id in self.context.halt_watch().next_round() {
                     if let Some(t) = threads.get(id) {
                         kick::kick(t.as_pthread_t());
                     }
@@ -662,10 +594,12 @@ impl Vm {
                     exits.merge(&report.counters);
                     profiles.push(report.profile);
                 }
-                Err(_) => self.shared.fail(VmError::VcpuPanicked { id }),
+                Err(_) => {
+                    failure.get_or_insert(VmError::VcpuPanicked { id });
+                }
             }
         }
-        serial::flush_console(self.shared.devices().serial());
+        serial::flush_console(self.context.devices().serial());
         if let Some((path, file)) = &self.guest_profile {
             write_profile(file, &profiles).map_err(|source| VmError::Profile {
                 path: path.clone(),
@@ -677,17 +611,15 @@ impl Vm {
             wall: self.started.elapsed(),
             guest_tsc_khz: self.guest_tsc_khz,
         };
-        // The loop above ran until `stopping`, which only `end_with` sets, after storing
-        // the end.
-        let end = self
-            .shared
-            .end
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match end.expect("the VM stops only through end_with, which stores its end") {
-            VmEnd::Guest(stop) => Ok(RunReport { stop, stats }),
-            VmEnd::Failed(error) => Err(error),
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        // The loop above ran until `stopping`: without a failure of its own, a vCPU ended
+        // the VM and said how.
+        match self.context.take_end() {
+            Some(VmEnd::Guest(stop)) => Ok(RunReport { stop, stats }),
+            Some(VmEnd::Failed(error)) => Err(error.into()),
+            None => unreachable!("the VM stopped without an end or a failure"),
         }
     }
 }

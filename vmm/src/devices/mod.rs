@@ -1,5 +1,6 @@
-//! Port-I/O devices: COM1, the i8042 reset line, the test-exit port, and what a PC answers
-//! on ports nobody implements.
+//! Devices: the traits the exit dispatch sees them through ([`PortIo`] for the VM's port-I/O
+//! devices, [`VcpuDevices`] for a vCPU's own), and the VM's port-I/O devices: COM1, the i8042
+//! reset line, the test-exit port, and what a PC answers on ports nobody implements.
 
 pub mod serial;
 
@@ -9,8 +10,48 @@ use std::sync::Mutex;
 use vm_superio::{I8042Device, Trigger};
 
 use crate::stop::GuestStop;
-use crate::vcpu::exit::PortIo;
 use serial::{SharedSerial, COM1_BASE};
+
+/// Port I/O devices as seen by dispatch.
+pub trait PortIo {
+    /// Fills `data` for an IN from `port`.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// Handles an OUT to `port`; may end the VM.
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<GuestStop>;
+}
+
+/// A vCPU's own emulated devices: MSRs emulated in userspace, and ports whose meaning
+/// depends on the vCPU that accesses them. They see an access before the VM's [`PortIo`].
+pub trait VcpuDevices {
+    /// RDMSR: `Some(Ok(value))`, `Some(Err(()))` for an architectural #GP, `None` if unowned
+    /// (the guest gets #GP).
+    fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>>;
+    /// WRMSR: `Some(Ok(()))`, `Some(Err(()))` for #GP, `None` if unowned (#GP).
+    fn wrmsr(&mut self, index: u32, value: u64) -> Option<Result<(), ()>>;
+    /// IN: fills `data` and returns true if the port is this vCPU's.
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) -> bool {
+        let _ = (port, data);
+        false
+    }
+    /// OUT: returns true if the port is this vCPU's.
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> bool {
+        let _ = (port, data);
+        false
+    }
+}
+
+/// The devices of a vCPU without any: every MSR that reaches userspace is one KVM would
+/// have refused, so the guest gets #GP; every port goes to the VM's devices.
+pub struct NoVcpuDevices;
+
+impl VcpuDevices for NoVcpuDevices {
+    fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
+        None
+    }
+    fn wrmsr(&mut self, _: u32, _: u64) -> Option<Result<(), ()>> {
+        None
+    }
+}
 
 /// The test-exit port: a write of `v` ends the VM with exit status `v & 0xff`.
 pub const TEST_EXIT_PORT: u16 = 0xf4;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use vpmu::source::host_perf::{HostIbs, HostPerfError, HostPerfSource, IbsOpener, Waker};
 use vpmu::{Arm, Caps, Sample, SamplePoint, SampleSink, SampleSource, SyntheticSource, UnitKind};
 
+use crate::kick::KickTarget;
 use crate::stats::Counters;
-use crate::vcpu::kick::KickTarget;
 
 /// Where one vCPU's samples come from.
 pub enum IbsSource {
@@ -132,9 +132,9 @@ mod tests {
     use vpmu::source::host_perf::IbsPmus;
 
     use super::*;
+    use crate::devices::VcpuDevices;
     use crate::ibs::vcpu::{ExitState, VcpuIbs};
     use crate::ibs::{IbsBackend, IbsSettings};
-    use crate::vcpu::exit::VcpuDevices;
 
     const IBS_OP_CTL: u32 = 0xc001_1033;
     const EILVT0: u32 = 0x850;

@@ -11,8 +11,8 @@ use super::guest_clock::{GuestClock, RunEnd};
 use super::source::IbsSource;
 use super::test_port::{self, Command};
 use super::{IbsBackend, IbsSettings};
+use crate::devices::VcpuDevices;
 use crate::stats::Counters;
-use crate::vcpu::exit::VcpuDevices;
 
 /// Per-vCPU seed spread (the 64-bit golden ratio, as in SplitMix64).
 const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -3,6 +3,7 @@
 //! Kept free of KVM file descriptors so that it can be tested with fabricated exits.
 
 use super::completion::{completion_for, Completion};
+use crate::devices::{PortIo, VcpuDevices};
 use crate::msr;
 use crate::stop::{CrashKind, GuestStop};
 
@@ -110,47 +111,6 @@ pub enum Outcome {
     /// The VM is over; `Crash` stops carry vCPU 0, RIP 0 and no code until the loop fills
     /// them in.
     Stop(GuestStop),
-}
-
-/// Port I/O devices as seen by dispatch.
-pub trait PortIo {
-    /// Fills `data` for an IN from `port`.
-    fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// Handles an OUT to `port`; may end the VM.
-    fn pio_write(&self, port: u16, data: &[u8]) -> Option<GuestStop>;
-}
-
-/// A vCPU's own emulated devices: MSRs emulated in userspace, and ports whose meaning
-/// depends on the vCPU that accesses them. They see an access before the VM's [`PortIo`].
-pub trait VcpuDevices {
-    /// RDMSR: `Some(Ok(value))`, `Some(Err(()))` for an architectural #GP, `None` if unowned
-    /// (the guest gets #GP).
-    fn rdmsr(&mut self, index: u32) -> Option<Result<u64, ()>>;
-    /// WRMSR: `Some(Ok(()))`, `Some(Err(()))` for #GP, `None` if unowned (#GP).
-    fn wrmsr(&mut self, index: u32, value: u64) -> Option<Result<(), ()>>;
-    /// IN: fills `data` and returns true if the port is this vCPU's.
-    fn pio_read(&mut self, port: u16, data: &mut [u8]) -> bool {
-        let _ = (port, data);
-        false
-    }
-    /// OUT: returns true if the port is this vCPU's.
-    fn pio_write(&mut self, port: u16, data: &[u8]) -> bool {
-        let _ = (port, data);
-        false
-    }
-}
-
-/// The devices of a vCPU without any: every MSR that reaches userspace is one KVM would
-/// have refused, so the guest gets #GP; every port goes to the VM's devices.
-pub struct NoVcpuDevices;
-
-impl VcpuDevices for NoVcpuDevices {
-    fn rdmsr(&mut self, _: u32) -> Option<Result<u64, ()>> {
-        None
-    }
-    fn wrmsr(&mut self, _: u32, _: u64) -> Option<Result<(), ()>> {
-        None
-    }
 }
 
 /// The measures for CPL0-emulating hosts that dispatch applies.

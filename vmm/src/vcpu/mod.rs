@@ -1,17 +1,15 @@
 //! vCPUs: their initial state and the thread loop that runs them.
 
 pub mod completion;
+pub mod context;
 pub mod cpu_clock;
 pub mod exit;
 pub mod guest_walk;
 pub mod halt;
-pub mod kick;
 pub mod kvm_exits;
 pub mod profile;
 pub mod syscall_bridge;
 pub mod timer;
-
-use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
@@ -22,17 +20,19 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
+use crate::devices::{NoVcpuDevices, VcpuDevices};
 use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
+use crate::kick;
 use crate::msr;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
-use crate::vm::VmShared;
 use completion::operand::Decoded;
 use completion::xsave_area::Layout;
 use completion::xstate::{self, Transfer, XstateError};
 use completion::{Completion, Effect, Exception};
+use context::VcpuContext;
 use cpu_clock::thread_cpu_time;
-use exit::{dispatch, DispatchPolicy, Exit, NoVcpuDevices, Outcome, VcpuDevices};
+use exit::{dispatch, DispatchPolicy, Exit, Outcome};
 use halt::VcpuActivity;
 use kvm_exits::{KvmExits, KvmExitsError};
 use profile::GuestProfiler;
@@ -299,7 +299,7 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the VM stops.
-    pub fn run(mut self, shared: Arc<VmShared>) -> VcpuReport {
+    pub fn run(mut self, context: &VcpuContext) -> VcpuReport {
         kick::publish(self.fd.get_kvm_run());
         if self.ibs.is_some() {
             self.kvm_exits = KvmExits::open(&self.fd)
@@ -311,39 +311,39 @@ impl Vcpu {
                 })
                 .ok();
         }
-        while !shared.stopping() {
+        while !context.stopping() {
             if let Err(source) = self.arm_timer() {
-                shared.fail(VcpuError::Timer {
+                context.fail(VcpuError::Timer {
                     id: self.id,
                     source,
                 });
                 break;
             }
-            match self.step(&shared) {
+            match self.step(context) {
                 Ok(Outcome::Resume) => {}
                 Ok(Outcome::Complete(c)) => {
                     if let Err(e) = self.complete(c) {
-                        shared.fail(e);
+                        context.fail(e);
                     }
                 }
                 Ok(Outcome::SyscallMsr { index, value }) => {
-                    if let Err(e) = self.syscall_msr(&shared, index, value) {
-                        shared.fail(e);
+                    if let Err(e) = self.syscall_msr(context, index, value) {
+                        context.fail(e);
                     }
                 }
                 Ok(Outcome::BridgeTrap { pc }) => {
                     if let Err(e) = self.bridge_trap(pc) {
-                        shared.fail(e);
+                        context.fail(e);
                     }
                 }
-                Ok(Outcome::Stop(stop)) => shared.stop(self.locate(stop)),
-                Err(e) => shared.fail(e),
+                Ok(Outcome::Stop(stop)) => context.stop(self.locate(stop)),
+                Err(e) => context.fail(e),
             }
-            if let Err(e) = self.watch_halt(&shared) {
-                shared.fail(e);
+            if let Err(e) = self.watch_halt(context) {
+                context.fail(e);
             }
-            if let Err(e) = self.after_exit(&shared) {
-                shared.fail(e);
+            if let Err(e) = self.after_exit(context) {
+                context.fail(e);
             }
         }
         kick::withdraw();
@@ -361,7 +361,7 @@ impl Vcpu {
 
     /// Work between exits: the profiler's sample; for virtual IBS, report races, take due
     /// samples, inject the NMI.
-    fn after_exit(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
+    fn after_exit(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
         if let Some(profiler) = self.profiler.as_mut().filter(|_| self.kicked) {
             profiler.after_exit(self.run_ns, self.fd.sync_regs().regs.rip);
         }
@@ -388,7 +388,7 @@ impl Vcpu {
                 );
             }
             if race.fatal {
-                shared.stop(GuestStop::IbsRace {
+                context.stop(GuestStop::IbsRace {
                     vcpu: self.id,
                     report: race.to_string(),
                 });
@@ -413,7 +413,7 @@ impl Vcpu {
                 source,
             })?,
             Interrupt::Fixed { vector } => {
-                shared
+                context
                     .send_fixed_interrupt(self.id, vector)
                     .map_err(|source| VcpuError::Ioctl {
                         id: self.id,
@@ -428,8 +428,8 @@ impl Vcpu {
 
     /// Tells the VM's [`halt::HaltWatch`] what this exit showed: any exit but a kick means the
     /// vCPU runs; at the first kick of a check round, whether it is halted for good.
-    fn watch_halt(&mut self, shared: &VmShared) -> Result<(), VcpuError> {
-        let watch = shared.halt_watch();
+    fn watch_halt(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
+        let watch = context.halt_watch();
         let id = usize::from(self.id);
         if !self.kicked {
             watch.running(id);
@@ -442,7 +442,7 @@ impl Vcpu {
         self.halt_round = round;
         let activity = self.activity()?;
         if watch.report(id, activity) {
-            shared.stop(GuestStop::Halted);
+            context.stop(GuestStop::Halted);
         }
         Ok(())
     }
@@ -486,13 +486,13 @@ impl Vcpu {
     }
 
     /// One KVM_RUN and its dispatch.
-    fn step(&mut self, shared: &VmShared) -> Result<Outcome, VcpuError> {
+    fn step(&mut self, context: &VcpuContext) -> Result<Outcome, VcpuError> {
         /// Exits whose dispatch needs more vCPU state than the exit carries.
         enum Deferred {
             Shutdown,
             InternalError,
         }
-        let pio = shared.devices();
+        let pio = context.devices();
         let policy = self.policy;
         let started = thread_cpu_time();
         let result = self.fd.run();

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use super::kick::kick_signal;
+use crate::kick::kick_signal;
 
 /// The timer; created on, and bound to, the calling thread.
 pub struct KickTimer {

@@ -12,15 +12,15 @@ use super::{
     gate_target, plant_site, rflags_after_cld, ExceptionFrame, PfTrap, ENTRY_SCAN, IDT_GATE_SIZE,
     OPCODE_CLD, OPCODE_INT3, VECTOR_PF,
 };
+use crate::vcpu::context::VcpuContext;
 use crate::vcpu::guest_walk::{read_virt, translate};
 use crate::vcpu::{Vcpu, VcpuError};
-use crate::vm::VmShared;
 
 impl Vcpu {
     /// Writes LSTAR/SFMASK through for the guest; once LSTAR is set, traps the #PF entry.
     pub(in crate::vcpu) fn syscall_msr(
         &mut self,
-        shared: &VmShared,
+        context: &VcpuContext,
         index: u32,
         value: u64,
     ) -> Result<(), VcpuError> {
@@ -38,7 +38,7 @@ impl Vcpu {
         }
         let trap = {
             // Every vCPU shares the kernel's IDT: the first one to get here decides.
-            let mut shared_trap = shared.pf_trap().lock().map_err(|_| VcpuError::Poisoned {
+            let mut shared_trap = context.pf_trap().lock().map_err(|_| VcpuError::Poisoned {
                 id: self.id,
                 what: "#PF trap",
             })?;
