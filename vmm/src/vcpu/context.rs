@@ -9,8 +9,8 @@ use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::cpl0_emulation::syscall_bridge::PfTrap;
 use super::halt::HaltWatch;
-use super::syscall_bridge::PfTrap;
 use super::VcpuError;
 use crate::devices::PioDevices;
 use crate::layout::LAPIC_BASE;

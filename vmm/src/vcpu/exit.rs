@@ -2,7 +2,7 @@
 //!
 //! Kept free of KVM file descriptors so that it can be tested with fabricated exits.
 
-use super::completion::{completion_for, Completion};
+use super::cpl0_emulation::completion::{completion_for, Completion};
 use crate::devices::{PortIo, VcpuDevices};
 use crate::msr;
 use crate::stop::{CrashKind, GuestStop};
@@ -118,7 +118,7 @@ pub enum Outcome {
 pub struct DispatchPolicy {
     /// Complete int3, fwait and fences (see [`completion_for`]).
     pub complete_instructions: bool,
-    /// Route system calls (see [`super::syscall_bridge`]): LSTAR/SFMASK writes and debug
+    /// Route system calls (see [`super::cpl0_emulation::syscall_bridge`]): LSTAR/SFMASK writes and debug
     /// exits belong to the bridge.
     pub syscall_bridge: bool,
     /// `--null-msr`: an MSR trapped to userspace and answered with no device at all (reads

@@ -1,19 +1,17 @@
 //! vCPUs: their initial state and the thread loop that runs them.
 
-pub mod completion;
 pub mod context;
+pub mod cpl0_emulation;
 pub mod cpu_clock;
 pub mod exit;
 pub mod guest_walk;
 pub mod halt;
 pub mod kvm_exits;
 pub mod profile;
-pub mod syscall_bridge;
 pub mod timer;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_MP_STATE_HALTED,
+    kvm_msr_entry, kvm_sregs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_HALTED,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
@@ -26,17 +24,15 @@ use crate::kick;
 use crate::msr;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
-use completion::operand::Decoded;
-use completion::xsave_area::Layout;
-use completion::xstate::{self, Transfer, XstateError};
-use completion::{Completion, Effect, Exception};
 use context::VcpuContext;
+use cpl0_emulation::completion::xsave_area::Layout;
+use cpl0_emulation::completion::xstate::XstateError;
+use cpl0_emulation::syscall_bridge::SyscallBridge;
 use cpu_clock::thread_cpu_time;
 use exit::{dispatch, DispatchPolicy, Exit, Outcome};
 use halt::VcpuActivity;
 use kvm_exits::{KvmExits, KvmExitsError};
 use profile::GuestProfiler;
-use syscall_bridge::SyscallBridge;
 use timer::KickTimer;
 use vpmu::Interrupt;
 
@@ -647,82 +643,7 @@ impl Vcpu {
         code[..n].to_vec()
     }
 
-    /// Completes an instruction the emulator rejected (see [`completion`]).
-    fn complete(&mut self, c: Completion) -> Result<(), VcpuError> {
-        let mut regs = self.fd.sync_regs().regs;
-        let effect = match c {
-            Completion::Int3 => Effect::Trap(Exception::BREAKPOINT),
-            Completion::Fwait | Completion::Fence => Effect::Retired,
-            Completion::Xgetbv => {
-                let sregs = self.sregs()?;
-                xstate::xgetbv(&self.fd, &sregs, &mut regs).map_err(self.completion_err(c))?
-            }
-            Completion::Xsave(insn) => self.transfer(c, (Transfer::Save, &insn), &regs)?,
-            Completion::Xrstor(insn) => self.transfer(c, (Transfer::Restore, &insn), &regs)?,
-        };
-        let raise = match effect {
-            Effect::Retired => None,
-            Effect::Trap(e) => Some(e),
-            Effect::Fault(e) => {
-                self.counters.bump("completed.faulted");
-                return self.raise(e);
-            }
-        };
-        regs.rip = regs.rip.wrapping_add(u64::from(c.length()));
-        self.fd.sync_regs_mut().regs = regs;
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
-        self.counters.bump(c.counter());
-        raise.map_or(Ok(()), |e| self.raise(e))
-    }
-
-    /// XSAVE or XRSTOR `insn` (the completion `c`) for the registers `regs`.
-    fn transfer(
-        &self,
-        c: Completion,
-        insn: (Transfer, &Decoded),
-        regs: &kvm_regs,
-    ) -> Result<Effect, VcpuError> {
-        let sregs = self.sregs()?;
-        xstate::transfer(&self.fd, &self.mem, &self.xsave_layout, insn, regs, &sregs)
-            .map_err(self.completion_err(c))
-    }
-
     fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
         self.fd.get_sregs().map_err(self.ioctl_err("KVM_GET_SREGS"))
-    }
-
-    fn completion_err(&self, c: Completion) -> impl FnOnce(XstateError) -> VcpuError {
-        let (id, insn, rip) = (self.id, c.counter(), self.rip());
-        move |source| VcpuError::Completion {
-            id,
-            insn,
-            rip,
-            source,
-        }
-    }
-
-    /// Delivers `e` at the next entry, with CR2 for a page fault.
-    fn raise(&mut self, e: Exception) -> Result<(), VcpuError> {
-        if let Some(cr2) = e.cr2 {
-            let mut sregs = self.sregs()?;
-            sregs.cr2 = cr2;
-            self.fd
-                .set_sregs(&sregs)
-                .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
-        }
-        // KVM_SET_VCPU_EVENTS always writes the interrupt and NMI state too: start from
-        // the current state so that only the exception changes.
-        let mut events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
-        events.exception.injected = 1;
-        events.exception.nr = e.vector;
-        events.exception.has_error_code = u8::from(e.error_code.is_some());
-        events.exception.error_code = e.error_code.unwrap_or(0);
-        events.flags = 0;
-        self.fd
-            .set_vcpu_events(&events)
-            .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"))
     }
 }

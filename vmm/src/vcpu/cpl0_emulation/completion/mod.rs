@@ -1,10 +1,11 @@
 //! Instructions this host's KVM emulator rejects at CPL0 that ibsvm completes itself.
 //!
 //! On hosts whose KVM runs guest CPL0 code through its instruction emulator (see
-//! `crate::host`), a few instructions stop the VM with an emulation failure. Those whose
+//! [`super::host`]), a few instructions stop the VM with an emulation failure. Those whose
 //! architectural effect ibsvm can reproduce exactly are completed here; everything else is
 //! a guest crash.
 
+mod kvm;
 pub mod operand;
 pub mod xsave_area;
 pub mod xstate;

@@ -10,7 +10,7 @@ use std::path::Path;
 /// leaf 1/7 features from guest CPL0 code, and the emulator cannot execute them. The
 /// leaf 0xD.1 ones are hidden the same way (whether the table would hide them was not
 /// measured), since ibsvm completes only the standard forms.
-/// XSAVE and XRSTOR themselves stay: ibsvm completes them (`vcpu::completion::xstate`).
+/// XSAVE and XRSTOR themselves stay: ibsvm completes them (`super::completion::xstate`).
 pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
     // X86_FEATURE_* numbers (arch/x86/include/asm/cpufeatures.h, word*32+bit): 151 POPCNT,
     // 59 RDTSCP, 288 FSGSBASE, 308 SMAP, 137 SSSE3, 298 INVPCID, 311 CLFLUSHOPT, 312 CLWB,

@@ -1,6 +1,6 @@
 //! Routing guest system calls into the guest kernel on hosts whose KVM does not.
 //!
-//! On a host whose KVM emulates guest CPL0 (see `crate::host`), a `SYSCALL` executed by
+//! On a host whose KVM emulates guest CPL0 (see [`super::host`]), a `SYSCALL` executed by
 //! guest userspace jumps to the kernel's entry point (MSR LSTAR) **without** switching to
 //! CPL0: the instruction fetch at LSTAR then faults as a user-mode #PF on a supervisor
 //! page, and the kernel kills the process (measured on our development hosts).
