@@ -174,6 +174,28 @@ impl GuestClock {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_cost_window_is_re_estimated_every_32_runs_and_forgets_old_ones() {
+        let mut w = CostWindow::default();
+        for _ in 0..WINDOW {
+            assert_eq!(w.record(10), 10);
+        }
+        // Estimated last at run 255: twenty expensive runs do not move it yet...
+        for _ in 0..20 {
+            assert_eq!(w.record(1000), 10);
+        }
+        // ...the 32nd since does (32 of 256 runs now cost 1000: above the 95th percentile).
+        for _ in 20..31 {
+            w.record(1000);
+        }
+        assert_eq!(w.record(1000), 1000);
+        // A whole window of cheap runs replaces them all.
+        for _ in 0..WINDOW {
+            w.record(10);
+        }
+        assert_eq!(w.estimate.map(|e| (e.dead_zone, e.typical)), Some((10, 10)));
+    }
+
     /// A deterministic spread of exit costs around `mean` (±60 %), as on a nested host.
     fn noisy(mean: u64, i: u64) -> u64 {
         let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40; // 0..2^24

@@ -435,6 +435,105 @@ mod tests {
         assert!(c.get("ibs.msr_exits") >= 5);
     }
 
+    /// Runs `ibs` until its op unit latches, the NMI is injected and the handler reads CTL.
+    fn latch_op(ibs: &mut VcpuIbs) -> u64 {
+        ibs.account_run(10_000_000, true, true, 0);
+        assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
+        assert!(!ibs.interrupt_pending(), "taken");
+        ibs.injected(Interrupt::Nmi);
+        ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap()
+    }
+
+    #[test]
+    fn races_are_counted_and_the_first_ones_logged() {
+        let settings = IbsSettings {
+            policy: vpmu::Policy::Faithful,
+            race_check: vpmu::RaceCheck::Warn,
+            ..IbsSettings::default()
+        };
+        let mut ibs = VcpuIbs::new(&settings, 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        for n in 1..=RACES_LOGGED + 2 {
+            ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+            let ctl = latch_op(&mut ibs);
+            // The handler returns; stop writes the latched CTL back (Val kept, unpatched).
+            ibs.after_exit(kick(0x40_1000, false));
+            ibs.wrmsr(IBS_OP_CTL, ctl & !OP_EN);
+            // Another NMI of the device's (here a second op period): its handler reads the
+            // stale Val and enables from NMI context.
+            ibs.dev.nmi_injected();
+            assert_eq!(ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap() & OP_VAL, OP_VAL);
+            ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+            let (race, logged) = ibs.take_race().expect("the race");
+            assert!(!race.fatal);
+            assert_eq!((ibs.races_seen(), logged), (n, n <= RACES_LOGGED));
+            assert_eq!(ibs.take_race(), None);
+            ibs.after_exit(kick(0x40_1000, false));
+            ibs.wrmsr(IBS_OP_CTL, 0);
+        }
+    }
+
+    #[test]
+    fn each_vcpu_samples_with_its_own_seed_and_the_given_scale() {
+        let first = |settings: &IbsSettings, id| {
+            let mut ibs = VcpuIbs::new(settings, id, false).unwrap();
+            ibs.wrmsr(EILVT0, 0x400);
+            // Fetch with RandEn: the seed picks the period's low bits.
+            let fetch_ctl = 0xc001_1030;
+            let mut periods = Vec::new();
+            for _ in 0..8 {
+                ibs.wrmsr(fetch_ctl, 0x1000 | 1 << 48 | 1 << 57);
+                periods.push(ibs.deadline_in(true));
+                ibs.wrmsr(fetch_ctl, 0);
+            }
+            periods
+        };
+        let settings = IbsSettings::default();
+        assert_eq!(first(&settings, 0), first(&settings, 0), "deterministic");
+        assert_ne!(first(&settings, 0), first(&settings, 1), "vCPUs differ");
+        let reseeded = IbsSettings {
+            seed: settings.seed + 1,
+            ..settings
+        };
+        assert_ne!(
+            first(&settings, 0),
+            first(&reseeded, 0),
+            "--ibs-seed counts"
+        );
+        let slower = IbsSettings {
+            ns_per_op: 2.0,
+            ..settings
+        };
+        let mut ibs = VcpuIbs::new(&slower, 0, false).unwrap();
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        assert_eq!(
+            ibs.deadline_in(true),
+            Some(2 * 0x10000),
+            "--ibs-scale counts"
+        );
+    }
+
+    #[test]
+    fn injected_interrupts_are_counted() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        for _ in 0..2 {
+            ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+            latch_op(&mut ibs);
+            ibs.after_exit(kick(0x40_1000, false));
+        }
+        ibs.injected(Interrupt::Fixed { vector: 0x40 });
+        let mut c = Counters::default();
+        ibs.add_counters(&mut c);
+        assert_eq!(
+            (
+                c.get("ibs.nmis_injected"),
+                c.get("ibs.fixed_interrupts_injected")
+            ),
+            (2, 1)
+        );
+    }
+
     #[test]
     fn no_interrupt_is_taken_inside_an_nmi_handler() {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
