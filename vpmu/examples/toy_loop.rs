@@ -71,7 +71,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         rip = rip.wrapping_add(0x40 + (guest_ns % 0x1C0)); // the toy guest "executes"
 
         // VMM: sample point, then take and inject the interrupt right before re-entry.
-        if !vpmu.sample_point(SamplePoint { rip, guest_ns }) {
+        if !vpmu
+            .sample_point(SamplePoint { rip, guest_ns })
+            .interrupt_pending
+        {
             continue;
         }
         let Some(irq) = vpmu.take_interrupt() else {

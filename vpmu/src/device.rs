@@ -131,6 +131,17 @@ fn name(index: u32) -> &'static str {
     msr_name(index).unwrap_or("reserved")
 }
 
+/// What a sample point or an inbox poll did: the samples it latched, and whether an
+/// interrupt is pending — a new one, or one deferred earlier (then call
+/// [`Vpmu::take_interrupt`] when the guest can take it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Latched {
+    /// Samples latched just now (at most one per unit).
+    pub samples: u32,
+    /// An interrupt is pending.
+    pub interrupt_pending: bool,
+}
+
 impl<S: SampleSource> Vpmu<S> {
     /// A device in its reset state (both units off, EILVTs masked).
     pub fn new(config: VpmuConfig, source: S) -> Vpmu<S> {
@@ -369,34 +380,45 @@ impl<S: SampleSource> Vpmu<S> {
         self.source.next_deadline()
     }
 
-    /// Latch samples other threads delivered through the [`SampleSink`]. Returns whether an
-    /// interrupt is pending (then call [`Vpmu::take_interrupt`]).
-    pub fn poll_inbox(&mut self) -> bool {
+    /// Latch samples other threads delivered through the [`SampleSink`].
+    pub fn poll_inbox(&mut self) -> Latched {
+        let mut latched = 0;
         for sample in self.inbox.drain().into_iter().flatten() {
-            self.accept(sample);
+            latched += u32::from(self.accept(sample));
         }
-        self.irq_pending
+        self.latched(latched)
     }
 
     /// A sample point: the vCPU is stopped at `at` (call it at or after
     /// [`Vpmu::next_deadline`], and whenever else convenient). Latches due samples, from the
-    /// inbox and the source. Returns whether an interrupt is pending.
-    pub fn sample_point(&mut self, at: SamplePoint) -> bool {
-        self.poll_inbox();
+    /// inbox and the source.
+    pub fn sample_point(&mut self, at: SamplePoint) -> Latched {
+        let mut latched = self.poll_inbox().samples;
         for _ in 0..MAX_POLLS_PER_POINT {
             match self.source.poll(&at) {
-                Some(sample) => self.accept(sample),
+                Some(sample) => latched += u32::from(self.accept(sample)),
                 None => break,
             }
         }
-        self.irq_pending
+        self.latched(latched)
     }
 
-    fn accept(&mut self, sample: Sample) {
+    fn latched(&self, samples: u32) -> Latched {
+        Latched {
+            samples,
+            interrupt_pending: self.irq_pending,
+        }
+    }
+
+    /// Latches `sample` if its unit takes it (else counts the drop); returns whether it did.
+    fn accept(&mut self, sample: Sample) -> bool {
         let kind = sample.unit();
         let unit = &mut self.units[kind.index()];
         match unit.latch(&sample, self.config.caps) {
-            Err(reason) => self.stats.record_drop(reason),
+            Err(reason) => {
+                self.stats.record_drop(reason);
+                false
+            }
             Ok(()) => {
                 self.stats.samples_latched += 1;
                 let hold = self.hold_irq == Some(kind);
@@ -405,6 +427,7 @@ impl<S: SampleSource> Vpmu<S> {
                 if !hold {
                     self.request_interrupt();
                 }
+                true
             }
         }
     }

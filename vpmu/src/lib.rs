@@ -18,7 +18,7 @@
 //! 5. after MSR writes, [`Vpmu::take_race`]; any time, [`Vpmu::stats`];
 //! 6. snapshots with [`Vpmu::save_state`] / [`Vpmu::restore_state`].
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 // No unsafe code, except in the `host-perf` feature's perf-event module (syscall, ioctl,
 // mmap), which opts in with its own `#![allow(unsafe_code)]` and documents every block.
 #![deny(unsafe_code)]
@@ -39,7 +39,7 @@ pub mod unit;
 pub use apic::{ApicError, Interrupt};
 pub use caps::{CapBit, Caps, CapsError};
 pub use cpuid::{hide_ibs, patch_cpuid, CpuidEntry, CpuidPatch, FamilyModel};
-pub use device::{ForceError, ForcedIrq, MsrError, Vpmu, VpmuConfig};
+pub use device::{ForceError, ForcedIrq, Latched, MsrError, Vpmu, VpmuConfig};
 pub use msr::{is_ext_apic_msr, is_ibs_msr, is_vpmu_msr, EXT_APIC_MSRS, IBS_MSR_RANGE};
 pub use policy::{GuestContext, NmiEvidence, NoGuestContext, Policy, RaceCheck, RaceEvent};
 pub use source::synthetic::{SyntheticConfig, SyntheticError, SyntheticSource};

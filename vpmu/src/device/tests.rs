@@ -57,10 +57,13 @@ fn linux_op_sampling_cycle_protect() {
     v.wrmsr(IBS_OP_CTL, 0, NO).unwrap();
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     assert_eq!(v.next_deadline(), Some(0x10000));
-    assert!(!v.sample_point(SamplePoint {
-        rip: 1,
-        guest_ns: 0xFFFF
-    }));
+    assert!(
+        !v.sample_point(SamplePoint {
+            rip: 1,
+            guest_ns: 0xFFFF
+        })
+        .interrupt_pending
+    );
     assert_eq!(v.take_interrupt(), None);
     assert_eq!(
         run_to_sample(&mut v, 0xFFFF_FFFF_8100_1234),
@@ -81,10 +84,13 @@ fn linux_op_sampling_cycle_protect() {
     assert_eq!(v.rdmsr(IBS_DC_PHYSADDR), Ok(0));
     assert_eq!(v.rdmsr(IBS_BR_TARGET), Ok(0));
     // No second interrupt for the same sample.
-    assert!(!v.sample_point(SamplePoint {
-        rip: 2,
-        guest_ns: 1 << 30
-    }));
+    assert!(
+        !v.sample_point(SamplePoint {
+            rip: 2,
+            guest_ns: 1 << 30
+        })
+        .interrupt_pending
+    );
     assert_eq!(v.take_interrupt(), None);
     // Re-arm from the handler keeps CurCnt's random low bits.
     v.wrmsr(IBS_OP_CTL, OP_START | (ctl & OP_CUR_CNT_RAND), NO)
@@ -109,6 +115,31 @@ fn linux_op_sampling_cycle_protect() {
     assert_eq!(s.faults, 0);
     // The stop's write carried Val; the start's CTL = 0 and the re-arms did not.
     assert_eq!(s.val_written_back, 1);
+}
+
+/// `Latched` tells "a sample latched now" from "an interrupt is pending": an interrupt that
+/// waits (the guest is in an NMI handler) stays pending at later points that latch nothing.
+#[test]
+fn a_pending_interrupt_is_not_a_new_sample() {
+    let mut v = synthetic(VpmuConfig::default());
+    linux_init(&mut v);
+    v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
+    let due = v.next_deadline().unwrap();
+    let at = |guest_ns| SamplePoint { rip: 9, guest_ns };
+    assert_eq!(v.sample_point(at(due - 1)), Latched::default());
+    let first = Latched {
+        samples: 1,
+        interrupt_pending: true,
+    };
+    assert_eq!(v.sample_point(at(due)), first);
+    let waiting = Latched {
+        samples: 0,
+        interrupt_pending: true,
+    };
+    assert_eq!(v.sample_point(at(due + 1)), waiting);
+    assert_eq!(v.poll_inbox(), waiting);
+    assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
+    assert_eq!(v.poll_inbox(), Latched::default());
 }
 
 #[test]
@@ -301,10 +332,13 @@ fn interrupt_routing_and_recheck() {
     v.wrmsr(0x850, 0x400, NO).unwrap();
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     let t = v.next_deadline().unwrap();
-    assert!(v.sample_point(SamplePoint {
-        rip: 1,
-        guest_ns: t
-    }));
+    assert!(
+        v.sample_point(SamplePoint {
+            rip: 1,
+            guest_ns: t
+        })
+        .interrupt_pending
+    );
     v.wrmsr(0x850, 0x10400, NO).unwrap();
     assert_eq!(v.take_interrupt(), None);
     assert_eq!(v.stats().dropped_lvt_masked, 2);
@@ -312,10 +346,13 @@ fn interrupt_routing_and_recheck() {
     v.wrmsr(0x850, 0x400, NO).unwrap();
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     let t = v.next_deadline().unwrap();
-    assert!(v.sample_point(SamplePoint {
-        rip: 1,
-        guest_ns: t
-    }));
+    assert!(
+        v.sample_point(SamplePoint {
+            rip: 1,
+            guest_ns: t
+        })
+        .interrupt_pending
+    );
     v.wrmsr(IBS_OP_CTL, 0, NO).unwrap();
     assert_eq!(v.take_interrupt(), None);
     assert_eq!(v.stats().dropped_nothing_latched, 1);
@@ -333,10 +370,13 @@ fn both_units_share_one_interrupt() {
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     v.wrmsr(IBS_FETCH_CTL, FETCH_START, NO).unwrap();
     let t = v.next_deadline().unwrap();
-    assert!(v.sample_point(SamplePoint {
-        rip: 9,
-        guest_ns: t
-    }));
+    assert!(
+        v.sample_point(SamplePoint {
+            rip: 9,
+            guest_ns: t
+        })
+        .interrupt_pending
+    );
     assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
     assert_eq!(v.take_interrupt(), None);
     let s = v.stats();
@@ -599,10 +639,13 @@ fn a_forced_sample_reuses_one_latched_but_not_yet_signalled() {
     linux_init(&mut v);
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     let due = v.next_deadline().unwrap();
-    assert!(v.sample_point(SamplePoint {
-        rip: 0x10,
-        guest_ns: due
-    }));
+    assert!(
+        v.sample_point(SamplePoint {
+            rip: 0x10,
+            guest_ns: due
+        })
+        .interrupt_pending
+    );
     let later = SamplePoint {
         rip: 0x20,
         guest_ns: due + 1,
@@ -643,10 +686,13 @@ fn a_sample_that_latched_on_its_own_serves_a_late_force() {
     v.wrmsr(IBS_OP_CTL, OP_START, NO).unwrap();
     // The period runs out naturally; its interrupt is not taken yet.
     let t = v.next_deadline().unwrap();
-    assert!(v.sample_point(SamplePoint {
-        rip: 9,
-        guest_ns: t
-    }));
+    assert!(
+        v.sample_point(SamplePoint {
+            rip: 9,
+            guest_ns: t
+        })
+        .interrupt_pending
+    );
     v.force_sample(
         UnitKind::Op,
         SamplePoint {
@@ -785,13 +831,13 @@ fn sink_samples_latch_only_for_the_current_arming() {
         sink.deliver(tagged(e1, e1.raw())),
         Err(DropReason::StaleEpoch)
     );
-    assert!(!v.poll_inbox());
+    assert!(!v.poll_inbox().interrupt_pending);
     sink.deliver(tagged(e2, e2.raw())).unwrap();
     assert_eq!(
         sink.deliver(tagged(e2, e2.raw())),
         Err(DropReason::InboxFull)
     );
-    assert!(v.poll_inbox());
+    assert!(v.poll_inbox().interrupt_pending);
     assert_eq!(v.rdmsr(IBS_OP_RIP), Ok(e2.raw()));
     assert_eq!(source.epoch(UnitKind::Op), None, "disarmed once latched");
     assert_eq!(sink.deliver(tagged(e2, e2.raw())), Err(DropReason::ValSet));
@@ -1030,7 +1076,9 @@ fn synthetic_sequence_is_deterministic() {
             if v.sample_point(SamplePoint {
                 rip: 0x1000 + step,
                 guest_ns: t,
-            }) {
+            })
+            .interrupt_pending
+            {
                 v.take_interrupt().unwrap();
             }
             for (unit, ctl_msr, rearm) in [
