@@ -182,7 +182,7 @@ mod tests {
             .push_op(GUEST_KERNEL, 0x40_1000);
         assert_eq!(v.source().read_now(), 1);
         assert_eq!(wakes.load(Ordering::SeqCst), 1, "the vCPU is woken");
-        assert!(v.poll_inbox());
+        assert!(v.poll_inbox().interrupt_pending);
         assert_eq!(v.take_interrupt(), Some(Interrupt::Nmi));
         assert_eq!(v.rdmsr(IBS_OP_RIP), Ok(0x40_1000));
         let ctl = v.rdmsr(IBS_OP_CTL).unwrap();
@@ -215,7 +215,7 @@ mod tests {
         // The new period's sample is.
         ring.push_op(GUEST_KERNEL, 0x40_2000);
         assert_eq!(v.source().read_now(), 1);
-        assert!(v.poll_inbox());
+        assert!(v.poll_inbox().interrupt_pending);
         assert_eq!(v.rdmsr(IBS_OP_RIP), Ok(0x40_2000));
         assert_eq!(v.stats().samples_latched, 1);
     }
