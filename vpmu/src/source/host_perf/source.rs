@@ -207,7 +207,7 @@ mod tests {
         write_op_ctl(&mut v, 0x1000 | OP_EN);
         assert_eq!(v.source().read_now(), 0);
         assert!(
-            !v.poll_inbox(),
+            !v.poll_inbox().interrupt_pending,
             "no sample of the earlier period is presented"
         );
         assert_eq!(wakes.load(Ordering::SeqCst), 0);
@@ -303,7 +303,7 @@ mod tests {
             0,
             "host-mode samples wake nobody"
         );
-        assert!(!v.poll_inbox());
+        assert!(!v.poll_inbox().interrupt_pending);
         assert_eq!(s.source.errors, 0, "{:?}", v.source_mut().take_error());
         drop(v); // stops and joins the reader thread
     }
