@@ -189,7 +189,7 @@ fn parse_null_msr(text: &str) -> Result<u32, String> {
         .and_then(|n| u32::try_from(n).ok())
         .filter(|n| !vpmu::is_vpmu_msr(*n))
         .ok_or("expected an MSR index outside the IBS and extended-APIC MSRs")?;
-    match crate::msr::relied_on(index) {
+    match crate::x86::msr::relied_on(index) {
         Some(why) => Err(format!("ibsvm relies on this MSR: {why}")),
         None => Ok(index),
     }

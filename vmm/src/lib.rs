@@ -8,7 +8,7 @@
 //! - `vcpu`: vCPU set-up and the exit loop (`vcpu::exit` is the pure dispatch);
 //! - `devices`: COM1, i8042, the test-exit port;
 //! - `ibs`: the virtual IBS PMU (`vpmu`) wired to KVM exits, timers and NMIs;
-//! - `cpuid`, `msr`, [`host`]: what the guest sees of the CPU and what this host needs;
+//! - `cpuid`, `x86` (architectural constants), [`host`]: what the guest sees of the CPU and what this host needs;
 //! - [`vm`]: wiring it together.
 
 pub mod boot;
@@ -20,9 +20,9 @@ pub(crate) mod kick;
 pub mod layout;
 pub mod logger;
 pub(crate) mod memory;
-pub(crate) mod msr;
 pub(crate) mod stats;
 pub mod stop;
 pub(crate) mod vcpu;
 pub use vcpu::cpl0_emulation::host;
 pub mod vm;
+pub(crate) mod x86;

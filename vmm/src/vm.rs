@@ -27,7 +27,6 @@ use crate::ibs::{self, IbsBackend, IbsSelectError, IbsSettings};
 use crate::kick;
 use crate::layout::KVM_TSS;
 use crate::memory::{self, MemoryError};
-use crate::msr;
 use crate::stats::{Counters, RunStats};
 use crate::stop::GuestStop;
 use crate::vcpu::context::{VcpuContext, VmEnd};
@@ -36,6 +35,7 @@ use crate::vcpu::exit::DispatchPolicy;
 use crate::vcpu::halt;
 use crate::vcpu::profile::GuestProfiler;
 use crate::vcpu::{Vcpu, VcpuError, VcpuReport};
+use crate::x86::msr;
 use vpmu::IBS_MSR_RANGE;
 
 /// Capabilities ibsvm cannot run without, and why.

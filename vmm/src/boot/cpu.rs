@@ -8,17 +8,10 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{BOOT_GDT, BOOT_IDT, BOOT_STACK, PD, PDPT, PML4, ZERO_PAGE};
+use crate::x86::{cr0, cr4, efer, paging};
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-/// Page-table entry bits: present, writable (SDM vol. 3A table 4-15..4-19).
-const PTE_PRESENT_RW: u64 = 0b11;
-/// PDE bit 7 PS: this entry maps a 2 MiB page.
-const PDE_PS: u64 = 1 << 7;
+/// Page-table entry bits of the boot identity map: present, writable.
+const PTE_PRESENT_RW: u64 = paging::PRESENT | paging::WRITABLE;
 
 /// Selector of the 64-bit code segment in the boot GDT.
 pub const BOOT_CS: u16 = 0x08;
@@ -104,7 +97,7 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), CpuSetupError> {
             mem,
             "page directory",
             PD + 8 * i,
-            (i << 21) | PTE_PRESENT_RW | PDE_PS,
+            (i << 21) | PTE_PRESENT_RW | paging::PAGE_SIZE,
         )?;
     }
     Ok(())
@@ -122,9 +115,9 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = segment_from_gdt(GDT[3], BOOT_TSS);
     sregs.cr3 = PML4;
-    sregs.cr4 |= CR4_PAE;
-    sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
-    sregs.efer |= EFER_LME | EFER_LMA;
+    sregs.cr4 |= cr4::PAE;
+    sregs.cr0 |= cr0::PE | cr0::ET | cr0::PG;
+    sregs.efer |= efer::LME | efer::LMA;
     sregs
 }
 
@@ -179,9 +172,9 @@ mod tests {
     #[test]
     fn long_mode_is_enabled() {
         let s = long_mode_sregs(kvm_sregs::default());
-        assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
-        assert_eq!(s.cr4 & CR4_PAE, CR4_PAE);
-        assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!(s.cr0 & (cr0::PE | cr0::PG), cr0::PE | cr0::PG);
+        assert_eq!(s.cr4 & cr4::PAE, cr4::PAE);
+        assert_eq!(s.efer & (efer::LME | efer::LMA), efer::LME | efer::LMA);
         assert_eq!(s.cr3, PML4);
         assert_eq!(s.cs.selector, BOOT_CS);
         let r = entry_regs(0x1000000);
@@ -194,7 +187,10 @@ mod tests {
         write_boot_tables(&mem).unwrap();
         let pde: u64 = mem.read_obj(GuestAddress(PD + 8 * 511)).unwrap();
         assert_eq!(pde & !0xfff, 511 << 21);
-        assert_eq!(pde & (PDE_PS | PTE_PRESENT_RW), PDE_PS | PTE_PRESENT_RW);
+        assert_eq!(
+            pde & (paging::PAGE_SIZE | PTE_PRESENT_RW),
+            paging::PAGE_SIZE | PTE_PRESENT_RW
+        );
         let pml4: u64 = mem.read_obj(GuestAddress(PML4)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPT);
     }

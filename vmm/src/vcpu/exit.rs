@@ -4,8 +4,8 @@
 
 use super::cpl0_emulation::completion::{completion_for, Completion};
 use crate::devices::{PortIo, VcpuDevices};
-use crate::msr;
 use crate::stop::{CrashKind, GuestStop};
+use crate::x86::msr;
 
 /// KVM_SYSTEM_EVENT_SHUTDOWN / RESET (include/uapi/linux/kvm.h).
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;

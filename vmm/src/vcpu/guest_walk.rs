@@ -7,19 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
-/// Paging-structure entry bits (SDM vol. 3A Table 4-15 to 4-20).
-const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-const USER: u64 = 1 << 2;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const PAGE_SIZE_BIT: u64 = 1 << 7;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// #PF error code bits (SDM vol. 3A §4.7): P (protection violation, not a non-present
-/// entry), W/R (write), U/S (CPL 3).
-const PF_PRESENT: u32 = 1 << 0;
-const PF_WRITE: u32 = 1 << 1;
-const PF_USER: u32 = 1 << 2;
+use crate::x86::{paging, pf_error};
 
 /// A completed walk: the physical address, where each entry used lives, and the access
 /// rights the entries grant together (§4.6.1: R/W and U/S must be set at every level).
@@ -33,7 +21,7 @@ struct Walk {
 
 /// Walks `va` through the tables at `cr3`; `None` if an entry is not present or not RAM.
 fn walk(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<Walk> {
-    let mut table = cr3 & ADDR_MASK;
+    let mut table = cr3 & paging::ADDR_MASK;
     let mut w = Walk {
         pa: 0,
         entries: [0; 4],
@@ -45,20 +33,20 @@ fn walk(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<Walk> {
     for (level, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
         let at = table + ((va >> shift) & 0x1ff) * 8;
         let entry: u64 = mem.read_obj(GuestAddress(at)).ok()?;
-        if entry & PRESENT == 0 {
+        if entry & paging::PRESENT == 0 {
             return None;
         }
         w.entries[level] = at;
         w.levels = level + 1;
-        w.writable &= entry & WRITABLE != 0;
-        w.user &= entry & USER != 0;
-        let leaf = shift == 12 || (level > 0 && entry & PAGE_SIZE_BIT != 0);
+        w.writable &= entry & paging::WRITABLE != 0;
+        w.user &= entry & paging::USER != 0;
+        let leaf = shift == 12 || (level > 0 && entry & paging::PAGE_SIZE != 0);
         if leaf {
             let offset_mask = (1u64 << shift) - 1;
-            w.pa = (entry & ADDR_MASK & !offset_mask) | (va & offset_mask);
+            w.pa = (entry & paging::ADDR_MASK & !offset_mask) | (va & offset_mask);
             return Some(w);
         }
-        table = entry & ADDR_MASK;
+        table = entry & paging::ADDR_MASK;
     }
     None
 }
@@ -89,8 +77,8 @@ pub struct DataAccess {
 /// dirty flag of the leaf (§4.8). Protection keys and reserved-bit checks are not
 /// modelled (ibsvm's guests have neither CR4.PKE nor reserved bits in their tables).
 pub fn translate_access(mem: &GuestMemoryMmap, va: u64, access: DataAccess) -> Result<u64, u32> {
-    let user_bit = if access.user { PF_USER } else { 0 };
-    let write_bit = if access.write { PF_WRITE } else { 0 };
+    let user_bit = if access.user { pf_error::USER } else { 0 };
+    let write_bit = if access.write { pf_error::WRITE } else { 0 };
     let w = walk(mem, access.cr3, va).ok_or(user_bit | write_bit)?;
     let denied = if access.user {
         !w.user || (access.write && !w.writable)
@@ -98,11 +86,16 @@ pub fn translate_access(mem: &GuestMemoryMmap, va: u64, access: DataAccess) -> R
         (w.user && access.smap) || (access.write && access.write_protect && !w.writable)
     };
     if denied {
-        return Err(PF_PRESENT | user_bit | write_bit);
+        return Err(pf_error::PRESENT | user_bit | write_bit);
     }
     for (level, &at) in w.entries[..w.levels].iter().enumerate() {
         let leaf = level + 1 == w.levels;
-        let bits = ACCESSED | if leaf && access.write { DIRTY } else { 0 };
+        let bits = paging::ACCESSED
+            | if leaf && access.write {
+                paging::DIRTY
+            } else {
+                0
+            };
         set_entry_bits(mem, at, bits);
     }
     Ok(w.pa)
@@ -149,7 +142,7 @@ mod tests {
         assert_eq!(translate(&mem, PML4, 1 << 30), None, "beyond the 1 GiB map");
         // Map VA 0xffff_8000_0000_1000 → PA 0x30_0000 through 4 KiB tables.
         let va: u64 = 0xffff_8000_0000_1000;
-        map_4k(&mem, va, 0x30_0000, PRESENT | WRITABLE);
+        map_4k(&mem, va, 0x30_0000, paging::PRESENT | paging::WRITABLE);
         mem.write_slice(&[0xcc, 0x90], GuestAddress(0x30_0ffe))
             .unwrap();
         assert_eq!(translate(&mem, PML4, va + 0xffe), Some(0x30_0ffe));
@@ -163,7 +156,7 @@ mod tests {
     /// (the upper levels present, writable, user); returns the leaf entry's address.
     fn map_4k(mem: &GuestMemoryMmap, va: u64, pa: u64, leaf: u64) -> u64 {
         let (pdpt, pd, pt) = (0x20_1000u64, 0x20_2000u64, 0x20_3000u64);
-        let table_flags = PRESENT | WRITABLE | USER;
+        let table_flags = paging::PRESENT | paging::WRITABLE | paging::USER;
         for (table, next, shift) in [(PML4, pdpt, 39), (pdpt, pd, 30), (pd, pt, 21)] {
             let at = table + ((va >> shift) & 0x1ff) * 8;
             mem.write_obj(next | table_flags, GuestAddress(at)).unwrap();
@@ -190,7 +183,7 @@ mod tests {
             ..kernel
         };
         // Not present: the error code says only what the access was.
-        assert_eq!(translate_access(&mem, va, write), Err(PF_WRITE));
+        assert_eq!(translate_access(&mem, va, write), Err(pf_error::WRITE));
         assert_eq!(
             translate_access(
                 &mem,
@@ -200,15 +193,15 @@ mod tests {
                     ..kernel
                 }
             ),
-            Err(PF_USER)
+            Err(pf_error::USER)
         );
 
         // Read-only supervisor page: reads pass; writes fault with WP, pass without.
-        let leaf = map_4k(&mem, va, 0x30_0000, PRESENT);
+        let leaf = map_4k(&mem, va, 0x30_0000, paging::PRESENT);
         assert_eq!(translate_access(&mem, va + 8, kernel), Ok(0x30_0008));
         assert_eq!(
             translate_access(&mem, va, write),
-            Err(PF_PRESENT | PF_WRITE)
+            Err(pf_error::PRESENT | pf_error::WRITE)
         );
         let no_wp = DataAccess {
             write_protect: false,
@@ -220,21 +213,29 @@ mod tests {
             user: true,
             ..kernel
         };
-        assert_eq!(translate_access(&mem, va, user), Err(PF_PRESENT | PF_USER));
+        assert_eq!(
+            translate_access(&mem, va, user),
+            Err(pf_error::PRESENT | pf_error::USER)
+        );
 
         // A writable user page: SMAP stops supervisor reads; a user write sets A and D.
-        map_4k(&mem, va, 0x30_0000, PRESENT | WRITABLE | USER);
+        map_4k(
+            &mem,
+            va,
+            0x30_0000,
+            paging::PRESENT | paging::WRITABLE | paging::USER,
+        );
         let smap = DataAccess {
             smap: true,
             ..kernel
         };
-        assert_eq!(translate_access(&mem, va, smap), Err(PF_PRESENT));
+        assert_eq!(translate_access(&mem, va, smap), Err(pf_error::PRESENT));
         let entry = |at| mem.read_obj::<u64>(GuestAddress(at)).unwrap();
-        assert_eq!(entry(leaf) & (ACCESSED | DIRTY), 0);
+        assert_eq!(entry(leaf) & (paging::ACCESSED | paging::DIRTY), 0);
         assert_eq!(translate_access(&mem, va, user), Ok(0x30_0000));
         assert_eq!(
-            entry(leaf) & (ACCESSED | DIRTY),
-            ACCESSED,
+            entry(leaf) & (paging::ACCESSED | paging::DIRTY),
+            paging::ACCESSED,
             "a read sets A only"
         );
         let user_write = DataAccess {
@@ -242,11 +243,14 @@ mod tests {
             ..user
         };
         assert_eq!(translate_access(&mem, va, user_write), Ok(0x30_0000));
-        assert_eq!(entry(leaf) & (ACCESSED | DIRTY), ACCESSED | DIRTY);
+        assert_eq!(
+            entry(leaf) & (paging::ACCESSED | paging::DIRTY),
+            paging::ACCESSED | paging::DIRTY
+        );
         let pml4e = PML4 + ((va >> 39) & 0x1ff) * 8;
         assert_eq!(
-            entry(pml4e) & (ACCESSED | DIRTY),
-            ACCESSED,
+            entry(pml4e) & (paging::ACCESSED | paging::DIRTY),
+            paging::ACCESSED,
             "D is for leaves"
         );
     }

@@ -21,9 +21,9 @@ use crate::boot::cpu;
 use crate::devices::{NoVcpuDevices, VcpuDevices};
 use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
 use crate::kick;
-use crate::msr;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
+use crate::x86::{msr, rflags};
 use context::VcpuContext;
 use cpl0_emulation::completion::xsave_area::Layout;
 use cpl0_emulation::completion::xstate::XstateError;
@@ -43,8 +43,6 @@ const APIC_MODE_NMI: u32 = 0b100 << 8;
 const APIC_MODE_EXTINT: u32 = 0b111 << 8;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (include/uapi/linux/kvm.h).
 const EMULATION_FLAG_INSN_BYTES: u64 = 1;
-/// RFLAGS bit 9 IF, interrupts enabled (SDM vol. 1 §3.4.3).
-const RFLAGS_IF: u64 = 1 << 9;
 
 /// Errors setting up or running a vCPU.
 #[derive(Debug, Error)]
@@ -450,7 +448,7 @@ impl Vcpu {
         let nmi_coming = nmi.pending != 0
             || nmi.injected != 0
             || self.ibs.as_ref().is_some_and(VcpuIbs::interrupt_pending);
-        if sync.regs.rflags & RFLAGS_IF != 0 || nmi_coming {
+        if sync.regs.rflags & rflags::IF != 0 || nmi_coming {
             return Ok(VcpuActivity::Running);
         }
         let mp = self

@@ -20,20 +20,9 @@ use super::operand::{Decoded, Segment};
 use super::xsave_area::{self, Layout, AREA_ALIGN, KVM_XSAVE_BYTES};
 use super::{Effect, Exception};
 use crate::vcpu::guest_walk::{translate_access, DataAccess};
+use crate::x86::xcr::{XCR0, XCR1};
+use crate::x86::{cr0, cr4, rflags};
 
-/// CR0 bit 3 TS (task switched: #NM on x87/SSE/XSAVE use) and bit 16 WP (SDM vol. 3A §2.5).
-const CR0_TS: u64 = 1 << 3;
-const CR0_WP: u64 = 1 << 16;
-/// CR4 bit 12 LA57, bit 18 OSXSAVE, bit 21 SMAP (SDM vol. 3A §2.5).
-const CR4_LA57: u64 = 1 << 12;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const CR4_SMAP: u64 = 1 << 21;
-/// RFLAGS bit 18 AC: with SMAP, supervisor accesses to user pages are allowed (§4.6.1).
-const RFLAGS_AC: u64 = 1 << 18;
-/// XCR0, the only XCR without XGETBV1; XCR 1 reads XCR0 AND XINUSE where CPUID offers
-/// XGETBV1 (SDM vol. 1 §13.3, vol. 2C "XGETBV").
-const XCR0: u32 = 0;
-const XCR1: u32 = 1;
 /// CPUID Fn0000_000D sub-leaf 1 EAX bit 2 XGETBV1 (SDM vol. 2A "CPUID" Table 3-8; AMD APM
 /// vol. 3 appendix E, Fn0000_000D_EAX_x1).
 const LEAF_D_1_EAX_XGETBV1: u32 = 1 << 2;
@@ -113,7 +102,7 @@ fn xgetbv1_offered() -> bool {
 /// or with XGETBV1 XCR 1 = XCR0 AND XINUSE; any other ECX is #GP(0), after the #UD of
 /// CR4.OSXSAVE clear (SDM vol. 2C "XGETBV" exceptions; vol. 3A §6.9 priorities).
 pub fn xgetbv(fd: &VcpuFd, sregs: &kvm_sregs, regs: &mut kvm_regs) -> Result<Effect, XstateError> {
-    if sregs.cr4 & CR4_OSXSAVE == 0 {
+    if sregs.cr4 & cr4::OSXSAVE == 0 {
         return Ok(Effect::Fault(Exception::INVALID_OPCODE));
     }
     let value = match regs.rcx as u32 {
@@ -158,13 +147,13 @@ pub fn transfer(
     sregs: &kvm_sregs,
 ) -> Result<Effect, XstateError> {
     let fault = |e| Ok(Effect::Fault(e));
-    if sregs.cr4 & CR4_OSXSAVE == 0 {
+    if sregs.cr4 & cr4::OSXSAVE == 0 {
         return fault(Exception::INVALID_OPCODE);
     }
-    if sregs.cr0 & CR0_TS != 0 {
+    if sregs.cr0 & cr0::TS != 0 {
         return fault(Exception::DEVICE_NOT_AVAILABLE);
     }
-    if sregs.cr4 & CR4_LA57 != 0 {
+    if sregs.cr4 & cr4::LA57 != 0 {
         return Err(XstateError::FiveLevelPaging);
     }
     let xcr0 = xcr0(fd)?;
@@ -192,8 +181,8 @@ pub fn transfer(
         cr3: sregs.cr3,
         write: what == Transfer::Save,
         user,
-        write_protect: sregs.cr0 & CR0_WP != 0,
-        smap: !user && sregs.cr4 & CR4_SMAP != 0 && regs.rflags & RFLAGS_AC == 0,
+        write_protect: sregs.cr0 & cr0::WP != 0,
+        smap: !user && sregs.cr4 & cr4::SMAP != 0 && regs.rflags & rflags::AC == 0,
     };
     // Every page of the area, translated before any byte moves: (gpa, its bytes of the area).
     let mut pieces = Vec::with_capacity(2);

@@ -10,11 +10,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{
     gate_target, plant_site, rflags_after_cld, ExceptionFrame, PfTrap, ENTRY_SCAN, IDT_GATE_SIZE,
-    OPCODE_CLD, OPCODE_INT3, VECTOR_PF,
+    OPCODE_CLD, OPCODE_INT3,
 };
 use crate::vcpu::context::VcpuContext;
 use crate::vcpu::guest_walk::{read_virt, translate};
 use crate::vcpu::{Vcpu, VcpuError};
+use crate::x86::vector;
 
 impl Vcpu {
     /// Writes LSTAR/SFMASK through for the guest; once LSTAR is set, traps the #PF entry.
@@ -67,7 +68,7 @@ impl Vcpu {
             .get_sregs()
             .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
         let mut gate = [0u8; IDT_GATE_SIZE as usize];
-        let gate_va = sregs.idt.base + VECTOR_PF * IDT_GATE_SIZE;
+        let gate_va = sregs.idt.base + u64::from(vector::PF) * IDT_GATE_SIZE;
         if read_virt(&self.mem, sregs.cr3, gate_va, &mut gate) != gate.len() {
             return Err(VcpuError::PfGateUnreadable {
                 id: self.id,

@@ -28,18 +28,10 @@
 //!   with RFLAGS.RF set) and re-arms. Costs two exits a fault and slows emulation while
 //!   armed, hence the fallback only.
 
-use crate::msr;
+use crate::x86::{msr, rflags};
 
-/// RFLAGS bit 16 RF (resume flag).
-const RFLAGS_RF: u64 = 1 << 16;
-/// RFLAGS bit 1 is reserved and reads as 1.
-const RFLAGS_FIXED: u64 = 1 << 1;
-/// #PF, vector 14.
-pub const VECTOR_PF: u64 = 14;
 /// Size of a long-mode IDT gate (SDM vol. 3A §6.14.1).
 pub const IDT_GATE_SIZE: u64 = 16;
-/// RFLAGS bit 10 DF, cleared by `cld`.
-const RFLAGS_DF: u64 = 1 << 10;
 /// `cld` and `int3` opcodes.
 pub const OPCODE_CLD: u8 = 0xfc;
 /// `int3`.
@@ -100,7 +92,7 @@ pub fn plant_site(entry: &[u8]) -> Option<usize> {
 
 /// RFLAGS after the `cld` the planted `int3` replaced.
 pub fn rflags_after_cld(rflags: u64) -> u64 {
-    rflags & !RFLAGS_DF
+    rflags & !rflags::DF
 }
 
 /// The frame the CPU pushes for an exception with an error code in long mode, lowest
@@ -195,7 +187,7 @@ impl SyscallBridge {
         (self.lstar != 0 && frame.rip == self.lstar && frame.cs & 3 == 3).then_some(SyscallEntry {
             rip: self.lstar,
             rsp: frame.rsp,
-            rflags: (frame.rflags & !self.sfmask & !RFLAGS_RF) | RFLAGS_FIXED,
+            rflags: (frame.rflags & !self.sfmask & !rflags::RF) | rflags::FIXED,
         })
     }
 }
@@ -213,7 +205,7 @@ mod tests {
             error: 0x15,
             rip,
             cs,
-            rflags: 0x10246 | RFLAGS_RF,
+            rflags: 0x10246 | rflags::RF,
             rsp: 0x7ffd_0000,
             ss: 0x2b,
         }
@@ -233,7 +225,7 @@ mod tests {
         assert_eq!(entry.rsp, 0x7ffd_0000);
         // IF (bit 9) and the other SFMASK bits cleared, RF cleared, bit 1 set.
         assert_eq!(entry.rflags, 0x46);
-        assert_eq!(entry.rflags & RFLAGS_RF, 0);
+        assert_eq!(entry.rflags & rflags::RF, 0);
     }
 
     #[test]
