@@ -81,12 +81,52 @@ pub enum Exit<'a> {
         /// DR6 at the exit.
         dr6: u64,
     },
-    /// KVM_RUN returned EINTR or KVM_EXIT_INTR: a kick.
-    Interrupted,
+    /// The vCPU was kicked out of the guest.
+    Kicked(Kick),
     /// HLT (only without an in-kernel LAPIC; harmless to resume).
     Hlt,
     /// Anything else.
     Other(String),
+}
+
+/// How a kick ended a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// KVM_RUN failed with EINTR (or EAGAIN): the signal came before the guest ran, or
+    /// `immediate_exit` was set.
+    BeforeEntry,
+    /// KVM_EXIT_INTR: the signal took the vCPU out of the guest.
+    FromGuest,
+}
+
+impl Exit<'_> {
+    /// The `--stats` counter of this exit.
+    pub fn counter(&self) -> &'static str {
+        match self {
+            Exit::IoIn { .. } => "exit.io_in",
+            Exit::IoOut { .. } => "exit.io_out",
+            Exit::MmioRead { .. } | Exit::MmioWrite => "exit.mmio",
+            Exit::RdMsr { .. } => "exit.rdmsr",
+            Exit::WrMsr { .. } => "exit.wrmsr",
+            Exit::Shutdown { .. } => "exit.shutdown",
+            Exit::SystemEvent(_) => "exit.system_event",
+            Exit::InternalError { .. } => "exit.internal_error",
+            Exit::FailEntry(_) => "exit.fail_entry",
+            Exit::Debug { .. } => "exit.debug",
+            Exit::Kicked(Kick::BeforeEntry) => "exit.kick",
+            Exit::Kicked(Kick::FromGuest) => "exit.intr",
+            Exit::Hlt => "exit.hlt",
+            Exit::Other(_) => "exit.other",
+        }
+    }
+
+    /// How a kick ended the run, if one did.
+    pub fn kick(&self) -> Option<Kick> {
+        match self {
+            Exit::Kicked(kick) => Some(*kick),
+            _ => None,
+        }
+    }
 }
 
 /// What the vCPU loop does after an exit.
@@ -161,7 +201,7 @@ pub fn dispatch(
             data.fill(0xff);
             Outcome::Resume
         }
-        Exit::MmioWrite | Exit::Interrupted | Exit::Hlt => Outcome::Resume,
+        Exit::MmioWrite | Exit::Kicked(_) | Exit::Hlt => Outcome::Resume,
         Exit::RdMsr { index, data, .. } if Some(index) == policy.null_msr => {
             *data = 0;
             Outcome::Resume
@@ -549,7 +589,7 @@ mod tests {
 
     #[test]
     fn kicks_and_halts_resume() {
-        assert_eq!(run(Exit::Interrupted, NORMAL), Outcome::Resume);
+        assert_eq!(run(Exit::Kicked(Kick::FromGuest), NORMAL), Outcome::Resume);
         assert_eq!(run(Exit::Hlt, NORMAL), Outcome::Resume);
         assert!(matches!(
             run(Exit::FailEntry(7), NORMAL),

@@ -29,7 +29,7 @@ use cpl0_emulation::completion::xsave_area::Layout;
 use cpl0_emulation::completion::xstate::XstateError;
 use cpl0_emulation::syscall_bridge::SyscallBridge;
 use cpu_clock::thread_cpu_time;
-use exit::{dispatch, DispatchPolicy, Exit, Outcome};
+use exit::{dispatch, DispatchPolicy, Exit, Kick, Outcome};
 use halt::VcpuActivity;
 use kvm_exits::{KvmExits, KvmExitsError};
 use profile::GuestProfiler;
@@ -505,49 +505,34 @@ impl Vcpu {
         self.last_run_kvm_exits = exits.saturating_sub(1);
         self.counters
             .add("kvm.handled_exits", self.last_run_kvm_exits);
-        let local: &mut dyn VcpuDevices = match &mut self.ibs {
-            Some(ibs) => ibs,
-            None => &mut NoVcpuDevices,
-        };
         let ran = match result {
-            Ok(VcpuExit::IoIn(port, data)) => Ok(("exit.io_in", Exit::IoIn { port, data })),
-            Ok(VcpuExit::IoOut(port, data)) => Ok(("exit.io_out", Exit::IoOut { port, data })),
-            Ok(VcpuExit::MmioRead(_, data)) => Ok(("exit.mmio", Exit::MmioRead { data })),
-            Ok(VcpuExit::MmioWrite(..)) => Ok(("exit.mmio", Exit::MmioWrite)),
-            Ok(VcpuExit::X86Rdmsr(m)) => Ok((
-                "exit.rdmsr",
-                Exit::RdMsr {
-                    index: m.index,
-                    data: m.data,
-                    error: m.error,
-                },
-            )),
-            Ok(VcpuExit::X86Wrmsr(m)) => Ok((
-                "exit.wrmsr",
-                Exit::WrMsr {
-                    index: m.index,
-                    value: m.data,
-                    error: m.error,
-                },
-            )),
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                Ok(("exit.system_event", Exit::SystemEvent(kind)))
-            }
-            Ok(VcpuExit::FailEntry(reason, _)) => Ok(("exit.fail_entry", Exit::FailEntry(reason))),
-            Ok(VcpuExit::Hlt) => Ok(("exit.hlt", Exit::Hlt)),
-            Ok(VcpuExit::Debug(d)) => Ok((
-                "exit.debug",
-                Exit::Debug {
-                    pc: d.pc,
-                    dr6: d.dr6,
-                },
-            )),
-            Ok(VcpuExit::Intr) => Ok(("exit.intr", Exit::Interrupted)),
+            Ok(VcpuExit::IoIn(port, data)) => Ok(Exit::IoIn { port, data }),
+            Ok(VcpuExit::IoOut(port, data)) => Ok(Exit::IoOut { port, data }),
+            Ok(VcpuExit::MmioRead(_, data)) => Ok(Exit::MmioRead { data }),
+            Ok(VcpuExit::MmioWrite(..)) => Ok(Exit::MmioWrite),
+            Ok(VcpuExit::X86Rdmsr(m)) => Ok(Exit::RdMsr {
+                index: m.index,
+                data: m.data,
+                error: m.error,
+            }),
+            Ok(VcpuExit::X86Wrmsr(m)) => Ok(Exit::WrMsr {
+                index: m.index,
+                value: m.data,
+                error: m.error,
+            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Ok(Exit::SystemEvent(kind)),
+            Ok(VcpuExit::FailEntry(reason, _)) => Ok(Exit::FailEntry(reason)),
+            Ok(VcpuExit::Hlt) => Ok(Exit::Hlt),
+            Ok(VcpuExit::Debug(d)) => Ok(Exit::Debug {
+                pc: d.pc,
+                dr6: d.dr6,
+            }),
+            Ok(VcpuExit::Intr) => Ok(Exit::Kicked(Kick::FromGuest)),
             Ok(VcpuExit::Shutdown) => Err(Deferred::Shutdown),
             Ok(VcpuExit::InternalError) => Err(Deferred::InternalError),
-            Ok(other) => Ok(("exit.other", Exit::Other(format!("{other:?}")))),
+            Ok(other) => Ok(Exit::Other(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                Ok(("exit.kick", Exit::Interrupted))
+                Ok(Exit::Kicked(Kick::BeforeEntry))
             }
             Err(source) => {
                 return Err(VcpuError::Ioctl {
@@ -557,21 +542,13 @@ impl Vcpu {
                 })
             }
         };
-        let (name, outcome) = match ran {
-            Ok((name, exit)) => (name, dispatch(exit, pio, local, policy)),
+        let exit = match ran {
+            Ok(exit) => exit,
             Err(Deferred::Shutdown) => {
                 let sregs = self.sregs()?;
                 let idt_limit =
                     (!cpu::is_reset_state(&sregs, self.rip())).then_some(sregs.idt.limit);
-                (
-                    "exit.shutdown",
-                    dispatch(
-                        Exit::Shutdown { idt_limit },
-                        pio,
-                        &mut NoVcpuDevices,
-                        policy,
-                    ),
-                )
+                Exit::Shutdown { idt_limit }
             }
             Err(Deferred::InternalError) => {
                 let rip = self.rip();
@@ -580,27 +557,25 @@ impl Vcpu {
                     return Ok(Outcome::BridgeTrap { pc: rip });
                 }
                 let (suberror, insn) = self.internal_error();
-                (
-                    "exit.internal_error",
-                    dispatch(
-                        Exit::InternalError { suberror, insn },
-                        pio,
-                        &mut NoVcpuDevices,
-                        policy,
-                    ),
-                )
+                Exit::InternalError { suberror, insn }
             }
         };
-        self.kicked = name == "exit.kick" || name == "exit.intr";
+        let (counter, kick) = (exit.counter(), exit.kick());
+        let local: &mut dyn VcpuDevices = match &mut self.ibs {
+            Some(ibs) => ibs,
+            None => &mut NoVcpuDevices,
+        };
+        let outcome = dispatch(exit, pio, local, policy);
+        self.kicked = kick.is_some();
         if self.kicked {
             // A run the kick timer ended lasted, for the guest, until the timer fired:
             // what follows is the host delivering the signal and leaving the guest.
             self.last_run_ns = self.last_run_ns.min(self.armed_ns.unwrap_or(u64::MAX));
         }
-        if name == "exit.kick" {
+        if kick == Some(Kick::BeforeEntry) {
             self.fd.set_kvm_immediate_exit(0);
         }
-        self.counters.bump(name);
+        self.counters.bump(counter);
         Ok(outcome)
     }
 
