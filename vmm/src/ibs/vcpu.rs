@@ -34,6 +34,8 @@ pub struct ExitState {
 /// The IBS state of one vCPU.
 pub struct VcpuIbs {
     dev: Vpmu<IbsSource>,
+    /// The vCPU, for log lines.
+    id: u8,
     /// The guest's own execution time: the synthetic source's clock.
     clock: GuestClock,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
@@ -58,7 +60,7 @@ pub struct VcpuIbs {
 }
 
 /// Races logged per vCPU (see [`VcpuIbs::take_race`]).
-pub const RACES_LOGGED: u64 = 5;
+const RACES_LOGGED: u64 = 5;
 
 /// How soon the vCPU is stopped again to retry a deferred interrupt (see
 /// [`VcpuIbs::after_exit`]), in nanoseconds: a few emulated instructions, about the length of
@@ -110,6 +112,7 @@ impl VcpuIbs {
         dev.source_mut().connect(sink);
         Ok(Self {
             dev,
+            id,
             clock: GuestClock::new(if emulated_cpl0 {
                 CPL0_EMULATION_SLOWDOWN
             } else {
@@ -275,18 +278,23 @@ impl VcpuIbs {
         }
     }
 
-    /// A race the device saw since the last call, and whether to log it: the first
-    /// [`RACES_LOGGED`] of this vCPU are, later ones only counted (`ibs.races_detected`),
-    /// since a kernel that hits the race in a loop would flood the log.
-    pub fn take_race(&mut self) -> Option<(RaceEvent, bool)> {
+    /// A race the device saw since the last call (the caller ends the VM if it is fatal).
+    /// The first [`RACES_LOGGED`] of this vCPU are logged here, later ones only counted
+    /// (`ibs.races_detected`), since a kernel that hits the race in a loop would flood the
+    /// log.
+    pub fn take_race(&mut self) -> Option<RaceEvent> {
         let race = self.dev.take_race()?;
         self.races_seen += 1;
-        Some((race, self.races_seen <= RACES_LOGGED))
-    }
-
-    /// Races taken with [`VcpuIbs::take_race`] so far.
-    pub fn races_seen(&self) -> u64 {
-        self.races_seen
+        if self.races_seen <= RACES_LOGGED {
+            log::warn!("vCPU {}: {race}", self.id);
+        }
+        if self.races_seen == RACES_LOGGED {
+            log::warn!(
+                "vCPU {}: further IBS races are only counted (ibs.races_detected in --stats)",
+                self.id
+            );
+        }
+        Some(race)
     }
 
     /// Adds this vCPU's IBS counters to `counters`.
@@ -445,7 +453,7 @@ mod tests {
     }
 
     #[test]
-    fn races_are_counted_and_the_first_ones_logged() {
+    fn every_race_is_taken_once_and_counted() {
         let settings = IbsSettings {
             policy: vpmu::Policy::Faithful,
             race_check: vpmu::RaceCheck::Warn,
@@ -464,9 +472,9 @@ mod tests {
             ibs.dev.nmi_injected();
             assert_eq!(ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap() & OP_VAL, OP_VAL);
             ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-            let (race, logged) = ibs.take_race().expect("the race");
+            let race = ibs.take_race().expect("the race");
             assert!(!race.fatal);
-            assert_eq!((ibs.races_seen(), logged), (n, n <= RACES_LOGGED));
+            assert_eq!(ibs.races_seen, n);
             assert_eq!(ibs.take_race(), None);
             ibs.after_exit(kick(0x40_1000, false));
             ibs.wrmsr(IBS_OP_CTL, 0);

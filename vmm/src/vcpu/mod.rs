@@ -19,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::cpu;
 use crate::devices::{NoVcpuDevices, VcpuDevices};
-use crate::ibs::vcpu::{ExitState, VcpuIbs, RACES_LOGGED};
+use crate::ibs::vcpu::{ExitState, VcpuIbs};
 use crate::kick;
 use crate::stats::Counters;
 use crate::stop::GuestStop;
@@ -371,22 +371,11 @@ impl Vcpu {
             self.last_run_kvm_exits,
         );
         self.cpl = cpl;
-        if let Some((race, log)) = ibs.take_race() {
-            if log {
-                log::warn!("vCPU {}: {race}", self.id);
-            }
-            if log && ibs.races_seen() == RACES_LOGGED {
-                log::warn!(
-                    "vCPU {}: further IBS races are only counted (ibs.races_detected in --stats)",
-                    self.id
-                );
-            }
-            if race.fatal {
-                context.stop(GuestStop::IbsRace {
-                    vcpu: self.id,
-                    report: race.to_string(),
-                });
-            }
+        if let Some(race) = ibs.take_race().filter(|race| race.fatal) {
+            context.stop(GuestStop::IbsRace {
+                vcpu: self.id,
+                report: race.to_string(),
+            });
         }
         let sync = self.fd.sync_regs();
         let nmi = sync.events.nmi;
