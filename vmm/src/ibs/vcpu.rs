@@ -440,7 +440,8 @@ mod tests {
             (c.get("ibs.samples_latched"), c.get("ibs.nmis_injected")),
             (1, 1)
         );
-        assert!(c.get("ibs.msr_exits") >= 5);
+        // EILVT0 read and write, OP_CTL write and read, OP_RIP read.
+        assert_eq!(c.get("ibs.msr_exits"), 5);
     }
 
     /// Runs `ibs` until its op unit latches, the NMI is injected and the handler reads CTL.
@@ -479,6 +480,33 @@ mod tests {
             ibs.after_exit(kick(0x40_1000, false));
             ibs.wrmsr(IBS_OP_CTL, 0);
         }
+    }
+
+    /// The device's NMI is in service from its injection until an exit shows NMIs unblocked
+    /// again: a stale enable inside the handler is the race, one after it is not.
+    #[test]
+    fn the_device_nmi_lasts_until_nmis_are_unblocked() {
+        let settings = IbsSettings {
+            policy: vpmu::Policy::Faithful,
+            race_check: vpmu::RaceCheck::Warn,
+            ..IbsSettings::default()
+        };
+        let mut ibs = VcpuIbs::new(&settings, 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        let stale_enable = |ibs: &mut VcpuIbs, ctl: u64| {
+            ibs.wrmsr(IBS_OP_CTL, ctl & !OP_EN);
+            assert_eq!(ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap() & OP_VAL, OP_VAL);
+            ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        };
+        ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
+        let ctl = latch_op(&mut ibs);
+        ibs.after_exit(kick(0x10, false));
+        stale_enable(&mut ibs, ctl);
+        assert!(ibs.take_race().is_none(), "after the handler");
+        let ctl = latch_op(&mut ibs);
+        ibs.after_exit(kick(0x10, true));
+        stale_enable(&mut ibs, ctl);
+        assert!(ibs.take_race().is_some(), "inside the handler");
     }
 
     #[test]
