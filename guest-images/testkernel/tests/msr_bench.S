@@ -1,10 +1,12 @@
 /*
- * test=msr-bench a=MSR b=MSR [count=N]: the cost of RDMSR of two MSRs the
- * VMM traps, measured in one run (`make bench`, ibs_msr_exit_ratio).  Reads
- * each MSR once through rdmsr_safe (a #GP fails the test), then alternates
- * 10 blocks of N/10 plain RDMSRs of a and of b, timing each block with
- * RDTSC, so that drift on the host affects both alike.
- * Serial: "msr-bench: a 0x... N reads T tsc", the same for b, then PASS.
+ * test=msr-bench a=MSR b=MSR [count=N] [write=VALUE]: the cost of RDMSR (or,
+ * with write=, of WRMSR of VALUE) of two MSRs the VMM traps, measured in one
+ * run (`make bench`, ibs_msr_exit_ratio).  Reads each MSR once through
+ * rdmsr_safe (a #GP fails the test), then alternates 10 blocks of N/10 plain
+ * accesses of a and of b, timing each block with RDTSC, so that drift on the
+ * host affects both alike.
+ * Serial: "msr-bench: a 0x... N reads T tsc" ("writes" with write=), the same
+ * for b, then PASS.
  */
 #include "macros.h"
 
@@ -15,7 +17,10 @@
 
 DEFINE_TEST msr-bench, test_msr_bench
 
-/* Reads MSR edi r12/BENCH_ROUNDS times; returns rax = TSC ticks taken. */
+/*
+ * Reads MSR edi r12/BENCH_ROUNDS times, or writes bench_value to it when
+ * bench_write is set; returns rax = TSC ticks taken.
+ */
 bench_block:
     push %rbx
     mov %edi, %ecx
@@ -28,11 +33,20 @@ bench_block:
     shl $32, %rdx
     or %rax, %rdx
     mov %rdx, %r9                   // start
+    cmpb $0, bench_write(%rip)
+    jne 3f
 1:  test %rbx, %rbx
     jz 2f
     rdmsr
     dec %rbx
     jmp 1b
+3:  mov bench_value(%rip), %eax
+    mov bench_value+4(%rip), %edx
+4:  test %rbx, %rbx
+    jz 2f
+    wrmsr
+    dec %rbx
+    jmp 4b
 2:  rdtsc
     shl $32, %rdx
     or %rdx, %rax
@@ -65,7 +79,15 @@ test_msr_bench:
 1:  cmp $BENCH_ROUNDS, %rax
     jae 2f
     FAIL "msr-bench: count= must be at least 10"
-2:  mov %rax, %r12                  // total reads of each MSR
+2:  mov %rax, %r12                  // total accesses of each MSR
+    LOAD_STR %rdi, "write"
+    xor %esi, %esi
+    call cmdline_get_u64
+    cmp $2, %rdx
+    jne 6f
+    FAIL "msr-bench: malformed write="
+6:  mov %rax, bench_value(%rip)
+    mov %dl, bench_write(%rip)      // 1 if write= was given
     mov %r13d, %edi
     call rdmsr_safe
     test %rdx, %rdx
@@ -93,13 +115,28 @@ test_msr_bench:
     PUTHEX %r13
     PUTS " "
     PUTDEC %r12
-    PUTS " reads "
+    call put_access
     PUTDEC %r15
     PUTS " tsc\nmsr-bench: b "
     PUTHEX %r14
     PUTS " "
     PUTDEC %r12
-    PUTS " reads "
+    call put_access
     PUTDEC %rbx
     PUTS " tsc\n"
     jmp test_pass
+
+/* Prints " reads " or " writes ". */
+put_access:
+    cmpb $0, bench_write(%rip)
+    jne 1f
+    PUTS " reads "
+    ret
+1:  PUTS " writes "
+    ret
+
+    .bss
+bench_value:
+    .quad 0
+bench_write:
+    .byte 0
