@@ -71,6 +71,8 @@ pub enum Exit<'a> {
         suberror: u32,
         /// Instruction bytes, if known.
         insn: Vec<u8>,
+        /// Where they are.
+        rip: u64,
     },
     /// KVM_EXIT_FAIL_ENTRY.
     FailEntry(u64),
@@ -252,7 +254,8 @@ pub fn dispatch(
         Exit::InternalError {
             suberror: INTERNAL_ERROR_EMULATION,
             insn,
-        } => match completion_for(&insn).filter(|_| policy.complete_instructions) {
+            rip,
+        } => match completion_for(&insn, rip).filter(|_| policy.complete_instructions) {
             Some(c) => Outcome::Complete(c),
             None => crash(CrashKind::EmulationFailure { insn }),
         },
@@ -518,6 +521,7 @@ mod tests {
         let int3 = || Exit::InternalError {
             suberror: INTERNAL_ERROR_EMULATION,
             insn: vec![0xcc],
+            rip: 0x1000,
         };
         assert_eq!(run(int3(), QUIRKS), Outcome::Complete(Completion::Int3));
         assert!(matches!(
@@ -527,6 +531,7 @@ mod tests {
         let popcnt = Exit::InternalError {
             suberror: INTERNAL_ERROR_EMULATION,
             insn: vec![0xf3, 0x0f, 0xb8, 0xc0],
+            rip: 0x1000,
         };
         match run(popcnt, QUIRKS) {
             Outcome::Stop(GuestStop::Crash {
@@ -541,7 +546,8 @@ mod tests {
             run(
                 Exit::InternalError {
                     suberror: 3,
-                    insn: vec![]
+                    insn: vec![],
+                    rip: 0x1000,
                 },
                 QUIRKS
             ),

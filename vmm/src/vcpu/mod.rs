@@ -546,7 +546,11 @@ impl Vcpu {
                     return Ok(Outcome::BridgeTrap { pc: rip });
                 }
                 let (suberror, insn) = self.internal_error();
-                Exit::InternalError { suberror, insn }
+                Exit::InternalError {
+                    suberror,
+                    insn,
+                    rip,
+                }
             }
         };
         let (counter, kick) = (exit.counter(), exit.kick());

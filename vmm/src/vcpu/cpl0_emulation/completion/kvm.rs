@@ -3,10 +3,10 @@
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::SyncReg;
 
-use super::operand::Decoded;
 use super::xstate::{self, Transfer, XstateError};
 use super::{Completion, Effect, Exception};
 use crate::vcpu::{Vcpu, VcpuError};
+use iced_x86::Instruction;
 
 impl Vcpu {
     /// Completes an instruction the emulator rejected (see [`completion`]).
@@ -41,7 +41,7 @@ impl Vcpu {
     fn transfer(
         &self,
         c: Completion,
-        insn: (Transfer, &Decoded),
+        insn: (Transfer, &Instruction),
         regs: &kvm_regs,
     ) -> Result<Effect, VcpuError> {
         let sregs = self.sregs()?;

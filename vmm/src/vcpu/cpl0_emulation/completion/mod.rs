@@ -5,12 +5,12 @@
 //! architectural effect ibsvm can reproduce exactly are completed here; everything else is
 //! a guest crash.
 
+pub mod decode;
 mod kvm;
-pub mod operand;
 pub mod xsave_area;
 pub mod xstate;
 
-use operand::{decode_0f_mem, Decoded};
+use iced_x86::{Code, Instruction};
 
 /// An instruction ibsvm completes, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,14 +29,10 @@ pub enum Completion {
     Xgetbv,
     /// `REX.W 0F AE /4` xsave64 m: save the extended state RFBM selects (SDM vol. 2C
     /// "XSAVE"); see [`xstate`].
-    Xsave(Decoded),
+    Xsave(Instruction),
     /// `REX.W 0F AE /5` xrstor64 m: restore it (SDM vol. 2C "XRSTOR"); see [`xstate`].
-    Xrstor(Decoded),
+    Xrstor(Instruction),
 }
-
-/// ModRM.reg of XSAVE and XRSTOR in opcode group 15, `0F AE` (SDM vol. 2D Table A-6).
-const GROUP15_XSAVE: u8 = 4;
-const GROUP15_XRSTOR: u8 = 5;
 
 impl Completion {
     /// Instruction length.
@@ -44,7 +40,8 @@ impl Completion {
         match self {
             Self::Int3 | Self::Fwait => 1,
             Self::Fence | Self::Xgetbv => 3,
-            Self::Xsave(d) | Self::Xrstor(d) => d.len,
+            // At most 15 bytes (SDM vol. 2A §2.1).
+            Self::Xsave(i) | Self::Xrstor(i) => i.len() as u8,
         }
     }
 
@@ -112,25 +109,23 @@ pub enum Effect {
     Fault(Exception),
 }
 
-/// How to complete the instruction starting with `insn`, if ibsvm can.
+/// How to complete the instruction at `rip` starting with `insn`, if ibsvm can.
 ///
 /// XSAVE and XRSTOR only in their 64-bit forms (REX.W), the ones a 64-bit kernel uses: the
 /// forms without REX.W store the x87 instruction and data pointers in the 32-bit format
-/// (SDM vol. 1 §13.5.1), which `KVM_GET_XSAVE` does not give.
-pub fn completion_for(insn: &[u8]) -> Option<Completion> {
-    match insn {
-        [0xcc, ..] => Some(Completion::Int3),
-        [0x9b, ..] => Some(Completion::Fwait),
-        [0x0f, 0xae, 0xe8 | 0xf0 | 0xf8, ..] => Some(Completion::Fence),
-        [0x0f, 0x01, 0xd0, ..] => Some(Completion::Xgetbv),
-        _ => {
-            let d = decode_0f_mem(insn).filter(|d| d.opcode == 0xae && d.rex_w)?;
-            match d.reg {
-                GROUP15_XSAVE => Some(Completion::Xsave(d)),
-                GROUP15_XRSTOR => Some(Completion::Xrstor(d)),
-                _ => None,
-            }
-        }
+/// (SDM vol. 1 §13.5.1), which `KVM_GET_XSAVE` does not give. The others only in their
+/// plain encodings (no prefixes), whose lengths [`Completion::length`] knows.
+pub fn completion_for(insn: &[u8], rip: u64) -> Option<Completion> {
+    let i = decode::decode(insn, rip)?;
+    let plain = |len| i.len() == len;
+    match i.code() {
+        Code::Int3 if plain(1) => Some(Completion::Int3),
+        Code::Wait if plain(1) => Some(Completion::Fwait),
+        Code::Lfence | Code::Mfence | Code::Sfence if plain(3) => Some(Completion::Fence),
+        Code::Xgetbv if plain(3) => Some(Completion::Xgetbv),
+        Code::Xsave64_mem => Some(Completion::Xsave(i)),
+        Code::Xrstor64_mem => Some(Completion::Xrstor(i)),
+        _ => None,
     }
 }
 
@@ -138,15 +133,22 @@ pub fn completion_for(insn: &[u8]) -> Option<Completion> {
 mod tests {
     use super::*;
 
+    fn completion_for_bytes(insn: &[u8]) -> Option<Completion> {
+        completion_for(insn, 0x1000)
+    }
+
     #[test]
     fn known_instructions_complete() {
-        assert_eq!(completion_for(&[0xcc, 0x90]), Some(Completion::Int3));
-        assert_eq!(completion_for(&[0x9b]), Some(Completion::Fwait));
+        assert_eq!(completion_for_bytes(&[0xcc, 0x90]), Some(Completion::Int3));
+        assert_eq!(completion_for_bytes(&[0x9b]), Some(Completion::Fwait));
         for last in [0xe8, 0xf0, 0xf8] {
-            assert_eq!(completion_for(&[0x0f, 0xae, last]), Some(Completion::Fence));
+            assert_eq!(
+                completion_for_bytes(&[0x0f, 0xae, last]),
+                Some(Completion::Fence)
+            );
         }
         assert_eq!(
-            completion_for(&[0x0f, 0x01, 0xd0]),
+            completion_for_bytes(&[0x0f, 0x01, 0xd0]),
             Some(Completion::Xgetbv)
         );
         assert_eq!(
@@ -164,11 +166,11 @@ mod tests {
     #[test]
     fn xsave64_and_xrstor64_carry_their_operand() {
         // xsave64 (%rdi) and xrstor64 0x40(%rbx): Linux's XSTATE_XSAVE / XSTATE_XRESTORE.
-        let save = completion_for(&[0x48, 0x0f, 0xae, 0x27]).unwrap();
-        assert!(matches!(save, Completion::Xsave(d) if d.mem.base == Some(7)));
+        let save = completion_for_bytes(&[0x48, 0x0f, 0xae, 0x27]).unwrap();
+        assert!(matches!(save, Completion::Xsave(i) if i.memory_base() == iced_x86::Register::RDI));
         assert_eq!((save.length(), save.counter()), (4, "completed.xsave"));
-        let restore = completion_for(&[0x48, 0x0f, 0xae, 0x6b, 0x40]).unwrap();
-        assert!(matches!(restore, Completion::Xrstor(d) if d.mem.disp == 0x40));
+        let restore = completion_for_bytes(&[0x48, 0x0f, 0xae, 0x6b, 0x40]).unwrap();
+        assert!(matches!(restore, Completion::Xrstor(i) if i.memory_displacement64() == 0x40));
         assert_eq!(restore.length(), 5);
     }
 
@@ -186,7 +188,7 @@ mod tests {
             &[0x48, 0x0f, 0xae],
             &[],
         ] {
-            assert_eq!(completion_for(insn), None, "{insn:02x?}");
+            assert_eq!(completion_for_bytes(insn), None, "{insn:02x?}");
         }
     }
 }

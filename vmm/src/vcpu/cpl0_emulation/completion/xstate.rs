@@ -11,12 +11,13 @@
 //! [`xgetbv1_offered`]), so ibsvm completes it where the host has XGETBV1: hiding the bit
 //! is not in its power there.
 
+use iced_x86::Instruction;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::operand::{Decoded, Segment};
+use super::decode;
 use super::xsave_area::{self, Layout, AREA_ALIGN, KVM_XSAVE_BYTES};
 use super::{Effect, Exception};
 use crate::vcpu::guest_walk::{translate_access, DataAccess};
@@ -53,6 +54,10 @@ pub enum XstateError {
         /// Guest-physical address.
         gpa: u64,
     },
+    /// The operand's address needs a register the decoder asked for and ibsvm does not
+    /// provide (none of XSAVE's encodings does).
+    #[error("cannot compute the XSAVE operand's address")]
+    Operand,
     /// The guest uses 5-level paging, which [`translate_access`] does not walk.
     #[error("the guest runs with CR4.LA57 (5-level paging), which ibsvm cannot walk")]
     FiveLevelPaging,
@@ -129,20 +134,12 @@ fn canonical(la: u64) -> bool {
     ((la << 16) as i64 >> 16) as u64 == la
 }
 
-/// The general registers in ModRM encoding order.
-fn gprs(r: &kvm_regs) -> [u64; 16] {
-    [
-        r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12,
-        r.r13, r.r14, r.r15,
-    ]
-}
-
 /// XSAVE or XRSTOR of the area `insn` names, for the vCPU in `regs` and `sregs`.
 pub fn transfer(
     fd: &VcpuFd,
     mem: &GuestMemoryMmap,
     layout: &Layout,
-    (what, insn): (Transfer, &Decoded),
+    (what, insn): (Transfer, &Instruction),
     regs: &kvm_regs,
     sregs: &kvm_sregs,
 ) -> Result<Effect, XstateError> {
@@ -158,18 +155,13 @@ pub fn transfer(
     }
     let xcr0 = xcr0(fd)?;
     let rfbm = ((regs.rdx << 32) | (regs.rax & 0xffff_ffff)) & xcr0;
-    let next_rip = regs.rip.wrapping_add(u64::from(insn.len));
-    let base = match insn.mem.segment {
-        Segment::Fs => sregs.fs.base,
-        Segment::Gs => sregs.gs.base,
-        Segment::Data | Segment::Stack => 0,
-    };
-    let linear = base.wrapping_add(insn.mem.effective(&gprs(regs), next_rip));
+    let linear = decode::linear_address(insn, regs, sregs).ok_or(XstateError::Operand)?;
     let len = layout.area_len(rfbm) as u64;
     if !canonical(linear) || !canonical(linear.wrapping_add(len - 1)) {
-        return fault(match insn.mem.segment {
-            Segment::Stack => Exception::STACK_FAULT,
-            _ => Exception::GENERAL_PROTECTION,
+        return fault(if decode::uses_stack_segment(insn) {
+            Exception::STACK_FAULT
+        } else {
+            Exception::GENERAL_PROTECTION
         });
     }
     if linear % AREA_ALIGN != 0 {
