@@ -29,6 +29,10 @@ pub struct ExitState {
     pub kicked: bool,
     /// The vCPU was at CPL3 when it exited (so it enters there again).
     pub user_mode: bool,
+    /// CPU time the run lasted for the guest (ns; a kicked run only until the timer fired).
+    pub ran_ns: u64,
+    /// Exits KVM handled itself during the run.
+    pub kvm_exits: u64,
 }
 
 /// The IBS state of one vCPU.
@@ -36,6 +40,8 @@ pub struct VcpuIbs {
     dev: Vpmu<IbsSource>,
     /// The vCPU, for log lines.
     id: u8,
+    /// The vCPU was at CPL3 at the last exit, so it enters there.
+    user_mode: bool,
     /// The guest's own execution time: the synthetic source's clock.
     clock: GuestClock,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
@@ -113,6 +119,7 @@ impl VcpuIbs {
         Ok(Self {
             dev,
             id,
+            user_mode: false,
             clock: GuestClock::new(if emulated_cpl0 {
                 CPL0_EMULATION_SLOWDOWN
             } else {
@@ -131,9 +138,9 @@ impl VcpuIbs {
         })
     }
 
-    /// How long (wall ns) the vCPU may run before it is stopped, when it enters in user
-    /// mode (`entering_user`, CPL3) or in the kernel: the source's next deadline, or soon if
-    /// an interrupt was deferred.
+    /// How long (wall ns) the vCPU may run before it is stopped, as it enters in the mode of
+    /// its last exit (user mode, CPL3, or the kernel): the source's next deadline, or soon
+    /// if an interrupt was deferred.
     ///
     /// The deadline is in guest nanoseconds, which a run entered at CPL0 accrues at only
     /// `1/divisor` of its time (see [`GuestClock::account`]). Arming the timer for
@@ -150,9 +157,9 @@ impl VcpuIbs {
     /// last exit left it, and the clock counts such a run after a guest-caused exit as no
     /// guest time (so that no sample lands on the instruction after the guest's own IBS
     /// WRMSR, say): an exit for nothing.
-    pub fn deadline_in(&self, entering_user: bool) -> Option<u64> {
+    pub fn deadline_in(&self) -> Option<u64> {
         let retry = self.irq_deferred.then_some(DEFERRED_IRQ_RETRY_NS);
-        let stretch = if entering_user {
+        let stretch = if self.user_mode {
             1
         } else {
             self.cpl0_timer_stretch
@@ -169,12 +176,12 @@ impl VcpuIbs {
     /// Adds one KVM_RUN of `ns` CPU nanoseconds to the guest clock; `kicked` says whether
     /// it ended with a kick, `native` whether the vCPU was at CPL3 when it entered and when
     /// it left, `kvm_exits` how many exits KVM handled itself during it (see
-    /// [`GuestClock::account`]).
+    /// [`GuestClock::account`]). Part of [`VcpuIbs::after_exit`].
     ///
     /// A kick that retried a deferred interrupt is aimed at the guest's NMI handler, not
     /// at wherever the guest happened to be: its run counts like one the guest's own
     /// instruction ended.
-    pub fn account_run(&mut self, ns: u64, kicked: bool, native: bool, kvm_exits: u64) {
+    fn account_run(&mut self, ns: u64, kicked: bool, native: bool, kvm_exits: u64) {
         let end = if kicked && !self.irq_deferred {
             RunEnd::Kick
         } else {
@@ -183,8 +190,8 @@ impl VcpuIbs {
         self.clock.account(ns, end, native, kvm_exits);
     }
 
-    /// After an exit: note an NMI return, take a sample if one is due, and return the
-    /// interrupt to inject now, if any.
+    /// After an exit: count the run on the guest clock, note an NMI return, take a sample
+    /// if one is due, and return the interrupt to inject now, if any.
     ///
     /// Samples are taken only at kicks ([`ExitState::kicked`]): a kick stops the vCPU
     /// wherever it happens to be, so sample RIPs fall where the guest spends its time, as
@@ -204,7 +211,11 @@ impl VcpuIbs {
             nmi_blocked,
             kicked,
             user_mode,
+            ran_ns,
+            kvm_exits,
         } = exit;
+        self.account_run(ran_ns, kicked, self.user_mode && user_mode, kvm_exits);
+        self.user_mode = user_mode;
         let deadline = self.dev.next_deadline();
         let now = self.clock.now();
         let reached = deadline.is_some_and(|d| now >= d);
@@ -393,7 +404,14 @@ mod tests {
             nmi_blocked,
             kicked: true,
             user_mode: true,
+            ran_ns: 0,
+            kvm_exits: 0,
         }
+    }
+
+    /// `exit`, after a run of `ns` guest nanoseconds.
+    fn after(ns: u64, exit: ExitState) -> ExitState {
+        ExitState { ran_ns: ns, ..exit }
     }
 
     /// A kick exit at `rip` in kernel mode.
@@ -419,8 +437,10 @@ mod tests {
             None,
             "no time has passed"
         );
-        ibs.account_run(10_000_000, true, true, 0);
-        assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
+        assert_eq!(
+            ibs.after_exit(after(10_000_000, kick(0x40_1000, false))),
+            Some(Interrupt::Nmi)
+        );
         ibs.injected(Interrupt::Nmi);
         assert_eq!(
             ibs.after_exit(kick(0x40_1000, true)),
@@ -446,8 +466,10 @@ mod tests {
 
     /// Runs `ibs` until its op unit latches, the NMI is injected and the handler reads CTL.
     fn latch_op(ibs: &mut VcpuIbs) -> u64 {
-        ibs.account_run(10_000_000, true, true, 0);
-        assert_eq!(ibs.after_exit(kick(0x40_1000, false)), Some(Interrupt::Nmi));
+        assert_eq!(
+            ibs.after_exit(after(10_000_000, kick(0x40_1000, false))),
+            Some(Interrupt::Nmi)
+        );
         assert!(!ibs.interrupt_pending(), "taken");
         ibs.injected(Interrupt::Nmi);
         ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap()
@@ -519,7 +541,7 @@ mod tests {
             let mut periods = Vec::new();
             for _ in 0..8 {
                 ibs.wrmsr(fetch_ctl, 0x1000 | 1 << 48 | 1 << 57);
-                periods.push(ibs.deadline_in(true));
+                periods.push(ibs.deadline_in());
                 ibs.wrmsr(fetch_ctl, 0);
             }
             periods
@@ -542,11 +564,7 @@ mod tests {
         };
         let mut ibs = VcpuIbs::new(&slower, 0, false).unwrap();
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        assert_eq!(
-            ibs.deadline_in(true),
-            Some(2 * 0x10000),
-            "--ibs-scale counts"
-        );
+        assert_eq!(ibs.deadline_in(), Some(2 * 0x10000), "--ibs-scale counts");
     }
 
     #[test]
@@ -575,24 +593,22 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true, 0);
         // The sample latches at an exit inside some NMI handler: not injected there.
-        assert_eq!(ibs.after_exit(kick(0x10, true)), None);
+        assert_eq!(ibs.after_exit(after(10_000_000, kick(0x10, true))), None);
         assert_eq!(
-            ibs.deadline_in(true),
+            ibs.deadline_in(),
             Some(DEFERRED_IRQ_RETRY_NS),
             "retried soon"
         );
         // Handler gone: the request is re-checked and taken.
         assert_eq!(ibs.after_exit(kick(0x20, false)), Some(Interrupt::Nmi));
         ibs.injected(Interrupt::Nmi);
-        assert_eq!(ibs.deadline_in(true), None);
+        assert_eq!(ibs.deadline_in(), None);
         // Again, but this time the handler consumes the sample first (a re-enable):
         // nothing is injected for it afterwards.
         ibs.after_exit(kick(0x20, true));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true, 0);
-        assert_eq!(ibs.after_exit(kick(0x30, true)), None);
+        assert_eq!(ibs.after_exit(after(10_000_000, kick(0x30, true))), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
         assert_eq!(
@@ -610,16 +626,21 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        ibs.account_run(10_000_000, true, true, 0);
-        // Due, but this exit is the guest's own (say a page fault at 0x50): no sample there.
-        let own = ExitState {
-            rip: 0x50,
-            nmi_blocked: false,
+        // Guest-caused exits of 100 ns each set the dead zone, then one after 10 ms of
+        // guest time (say a page fault at 0x50) finds the sample due: none taken there.
+        let own = |ns| ExitState {
             kicked: false,
-            user_mode: true,
+            ..after(ns, kick(0x50, false))
         };
-        assert_eq!(ibs.after_exit(own), None);
-        assert_eq!(ibs.deadline_in(true), Some(0), "kick at once");
+        for _ in 0..30 {
+            assert_eq!(ibs.after_exit(own(100)), None);
+        }
+        assert_eq!(ibs.after_exit(own(10_000_000)), None);
+        assert_eq!(
+            ibs.deadline_in(),
+            Some(100),
+            "kick as soon as an exit allows"
+        );
         assert_eq!(ibs.after_exit(kick(0x60, false)), Some(Interrupt::Nmi));
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x60)));
     }
@@ -630,11 +651,14 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         // Guest-caused exits of 150 µs each (a nested host): no guest time.
         for _ in 0..10 {
-            ibs.account_run(150_000, false, true, 0);
+            ibs.after_exit(ExitState {
+                kicked: false,
+                ..after(150_000, kick(0x70, false))
+            });
         }
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 65.5 µs of the period remain, but the timer waits for the guest to run.
-        assert_eq!(ibs.deadline_in(true), Some(150_000));
+        assert_eq!(ibs.deadline_in(), Some(150_000));
     }
 
     #[test]
@@ -642,15 +666,17 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // 50 ms of guest time pass before the guest enables a 65 536-op (65.5 µs) period.
-        ibs.account_run(50_000_000, true, true, 0);
+        ibs.after_exit(after(50_000_000, kick(0x1000, false)));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
             ibs.after_exit(kick(0x1234, false)),
             None,
             "no sample at the enabling write"
         );
-        ibs.account_run(65_536, true, true, 0);
-        assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
+        assert_eq!(
+            ibs.after_exit(after(65_536, kick(0x40_2000, false))),
+            Some(Interrupt::Nmi)
+        );
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
     }
 
@@ -660,10 +686,17 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
-        ibs.account_run(3_000_000, true, false, 0);
-        assert_eq!(ibs.after_exit(kick(0xffff_ffff_8100_0000, false)), None);
-        ibs.account_run(65_536, true, true, 0);
-        assert_eq!(ibs.after_exit(kick(0x40_2000, false)), Some(Interrupt::Nmi));
+        assert_eq!(
+            ibs.after_exit(after(3_000_000, kernel_kick(0xffff_ffff_8100_0000))),
+            None
+        );
+        // Back in user mode (a run that ends there is not all native)...
+        assert_eq!(ibs.after_exit(kick(0x40_1ff0, false)), None);
+        // ...then the loop itself, native.
+        assert_eq!(
+            ibs.after_exit(after(65_536, kick(0x40_2000, false))),
+            Some(Interrupt::Nmi)
+        );
         assert_eq!(
             ibs.rdmsr(0xc001_1034),
             Some(Ok(0x40_2000)),
@@ -678,13 +711,19 @@ mod tests {
         // MaxCnt 0x1000: 65 536 ops, 65.5 µs of guest time.
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         let period = 65_536;
+        ibs.after_exit(kick(0x40_1000, false));
         assert_eq!(
-            ibs.deadline_in(true),
+            ibs.deadline_in(),
             Some(period),
             "user mode: guest ns are wall ns"
         );
+        let kernel_exit = ExitState {
+            kicked: false,
+            ..kernel_kick(0xffff_ffff_8100_0000)
+        };
+        ibs.after_exit(kernel_exit);
         assert_eq!(
-            ibs.deadline_in(false),
+            ibs.deadline_in(),
             Some(period),
             "first kernel run: no stretch yet"
         );
@@ -692,10 +731,12 @@ mod tests {
         // so the period ends after about log2(1000) kicks, not 1000.
         let mut kicks = 0;
         loop {
-            let wall = ibs.deadline_in(false).unwrap();
-            ibs.account_run(wall, true, false, 0);
+            let wall = ibs.deadline_in().unwrap();
             kicks += 1;
-            if ibs.after_exit(kernel_kick(0xffff_ffff_8100_0000)).is_some() {
+            if ibs
+                .after_exit(after(wall, kernel_kick(0xffff_ffff_8100_0000)))
+                .is_some()
+            {
                 break;
             }
             assert!(kicks < 20, "{kicks} kicks and no sample");
@@ -709,17 +750,19 @@ mod tests {
             kicked: false,
             ..kernel_kick(0xffff_ffff_8100_0040)
         });
-        assert_eq!(ibs.deadline_in(false), Some(period));
+        assert_eq!(ibs.deadline_in(), Some(period));
         ibs.after_exit(kernel_kick(0xffff_ffff_8100_0080));
-        assert_eq!(ibs.deadline_in(false), Some(period * 2));
-        // The first exit in user mode resets the stretch.
+        assert_eq!(ibs.deadline_in(), Some(period * 2));
+        // The first exit in user mode resets the stretch: never stretched there, and back
+        // in the kernel it starts again from 1.
         ibs.after_exit(kick(0x40_2000, true));
-        assert_eq!(ibs.deadline_in(false), Some(period));
         assert_eq!(
-            ibs.deadline_in(true),
+            ibs.deadline_in(),
             Some(period),
             "in user mode, never stretched"
         );
+        ibs.after_exit(kernel_exit);
+        assert_eq!(ibs.deadline_in(), Some(period));
     }
 
     #[test]

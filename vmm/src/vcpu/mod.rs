@@ -125,6 +125,18 @@ pub enum VcpuError {
     },
 }
 
+/// What one KVM_RUN was, recorded right after it (see [`Vcpu::step`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct RunRecord {
+    /// CPU time it lasted for the guest (ns): a run the kick timer ended, only until the
+    /// timer fired.
+    ns: u64,
+    /// A kick ended it (the timer, or another thread), not the guest's own instruction.
+    kicked: bool,
+    /// Exits KVM handled itself during it.
+    kvm_exits: u64,
+}
+
 /// One vCPU and what its thread needs.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -135,17 +147,12 @@ pub struct Vcpu {
     profiler: Option<GuestProfiler>,
     bridge: SyscallBridge,
     counters: Counters,
-    /// CPU time (ns) this thread spent inside KVM_RUN, in all and in the last one
-    /// (see [`cpu_clock`]), and the exits KVM handled itself in the last one.
+    /// CPU time (ns) this thread spent inside KVM_RUN in all (see [`cpu_clock`]).
     run_ns: u64,
-    last_run_ns: u64,
-    last_run_kvm_exits: u64,
+    /// The last KVM_RUN.
+    last_run: RunRecord,
     /// KVM's exit counter, for the IBS clock; opened on the vCPU thread.
     kvm_exits: Option<KvmExits>,
-    /// The guest's CPL at the last exit (so at the next entry).
-    cpl: u8,
-    /// The last exit was a kick (see [`VcpuIbs::after_exit`]).
-    kicked: bool,
     /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
     timer: Option<KickTimer>,
     /// What the timer was armed for at the last entry (wall ns), if it was.
@@ -185,11 +192,8 @@ impl Vcpu {
             bridge: SyscallBridge::default(),
             counters: Counters::default(),
             run_ns: 0,
-            last_run_ns: 0,
-            last_run_kvm_exits: 0,
+            last_run: RunRecord::default(),
             kvm_exits: None,
-            cpl: 0,
-            kicked: false,
             timer: None,
             armed_ns: None,
             halt_round: 0,
@@ -276,8 +280,7 @@ impl Vcpu {
 
     /// Makes sure the vCPU leaves KVM_RUN by the next IBS deadline or profiler tick.
     fn arm_timer(&mut self) -> std::io::Result<()> {
-        let entering_user = self.cpl == 3;
-        let ibs = self.ibs.as_ref().and_then(|i| i.deadline_in(entering_user));
+        let ibs = self.ibs.as_ref().and_then(VcpuIbs::deadline_in);
         let profile = self.profiler.as_ref().map(|p| p.due_in(self.run_ns));
         self.armed_ns = ibs.into_iter().chain(profile).min();
         match self.armed_ns {
@@ -356,21 +359,13 @@ impl Vcpu {
     /// Work between exits: the profiler's sample; for virtual IBS, report races, take due
     /// samples, inject the NMI.
     fn after_exit(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
-        if let Some(profiler) = self.profiler.as_mut().filter(|_| self.kicked) {
+        let run = self.last_run;
+        if let Some(profiler) = self.profiler.as_mut().filter(|_| run.kicked) {
             profiler.after_exit(self.run_ns, self.fd.sync_regs().regs.rip);
         }
         let Some(ibs) = &mut self.ibs else {
             return Ok(());
         };
-        // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
-        let cpl = (self.fd.sync_regs().sregs.cs.selector & 3) as u8;
-        ibs.account_run(
-            self.last_run_ns,
-            self.kicked,
-            self.cpl == 3 && cpl == 3,
-            self.last_run_kvm_exits,
-        );
-        self.cpl = cpl;
         if let Some(race) = ibs.take_race().filter(|race| race.fatal) {
             context.stop(GuestStop::IbsRace {
                 vcpu: self.id,
@@ -383,8 +378,11 @@ impl Vcpu {
         let exit = ExitState {
             rip: sync.regs.rip,
             nmi_blocked,
-            kicked: self.kicked,
-            user_mode: cpl == 3,
+            kicked: run.kicked,
+            // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
+            user_mode: sync.sregs.cs.selector & 3 == 3,
+            ran_ns: run.ns,
+            kvm_exits: run.kvm_exits,
         };
         let Some(irq) = ibs.after_exit(exit) else {
             return Ok(());
@@ -414,7 +412,7 @@ impl Vcpu {
     fn watch_halt(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
         let watch = context.halt_watch();
         let id = usize::from(self.id);
-        if !self.kicked {
+        if !self.last_run.kicked {
             watch.running(id);
             return Ok(());
         }
@@ -479,10 +477,8 @@ impl Vcpu {
         let policy = self.policy;
         let started = thread_cpu_time();
         let result = self.fd.run();
-        self.kicked = false;
         let ran = (thread_cpu_time() - started).as_nanos() as u64;
         self.run_ns += ran;
-        self.last_run_ns = ran;
         let exits = match &mut self.kvm_exits {
             Some(exits) => exits.since_last().map_err(|source| VcpuError::KvmExits {
                 id: self.id,
@@ -491,9 +487,13 @@ impl Vcpu {
             None => 0,
         };
         // All but the exit that ended the run (none if a kick stopped it before entry).
-        self.last_run_kvm_exits = exits.saturating_sub(1);
-        self.counters
-            .add("kvm.handled_exits", self.last_run_kvm_exits);
+        let kvm_exits = exits.saturating_sub(1);
+        self.counters.add("kvm.handled_exits", kvm_exits);
+        self.last_run = RunRecord {
+            ns: ran,
+            kicked: false,
+            kvm_exits,
+        };
         let ran = match result {
             Ok(VcpuExit::IoIn(port, data)) => Ok(Exit::IoIn { port, data }),
             Ok(VcpuExit::IoOut(port, data)) => Ok(Exit::IoOut { port, data }),
@@ -559,11 +559,11 @@ impl Vcpu {
             None => &mut NoVcpuDevices,
         };
         let outcome = dispatch(exit, pio, local, policy);
-        self.kicked = kick.is_some();
-        if self.kicked {
+        if kick.is_some() {
             // A run the kick timer ended lasted, for the guest, until the timer fired:
             // what follows is the host delivering the signal and leaving the guest.
-            self.last_run_ns = self.last_run_ns.min(self.armed_ns.unwrap_or(u64::MAX));
+            self.last_run.kicked = true;
+            self.last_run.ns = self.last_run.ns.min(self.armed_ns.unwrap_or(u64::MAX));
         }
         if kick == Some(Kick::BeforeEntry) {
             self.fd.set_kvm_immediate_exit(0);
