@@ -95,8 +95,9 @@ struct RunArgs {
     #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_tsc_scale)]
     linux_tsc_scale: TscScale,
     /// On hosts whose KVM emulates guest CPL0 code: hide CPUID CX16, complete
-    /// int3/fwait/fences and xgetbv/xsave/xrstor, route system calls, and append the
-    /// parameters a Linux guest needs.
+    /// int3/fwait/fences and xgetbv/xsave/xrstor, route system calls, and append to a Linux
+    /// guest's command line the parameters it needs there and those that keep its boot
+    /// short (docs/boot-time.md; logged; a parameter you give keeps your value).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = QuirkMode::Auto)]
     cpl0_quirks: QuirkMode,
 

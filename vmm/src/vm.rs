@@ -636,10 +636,13 @@ mod tests {
         let (c2, added2) = guest_cmdline(&c, true);
         assert_eq!(c2, c);
         assert!(added2.is_empty());
-        // A user's own clearcpuid wins.
-        let (c3, added3) = guest_cmdline("clearcpuid=1", true);
-        assert_eq!(c3, "clearcpuid=1");
-        assert!(added3.is_empty());
+        // A user's own value wins.
+        let (c3, added3) = guest_cmdline("clearcpuid=1 rodata=on", true);
+        assert!(c3.starts_with("clearcpuid=1 rodata=on "), "{c3}");
+        assert!(!added3
+            .iter()
+            .any(|p| p.starts_with("clearcpuid=") || p.starts_with("rodata=")));
+        assert_eq!(added3.len(), CPL0_EMULATION_LINUX_PARAMS.len() - 2);
     }
 
     #[test]

@@ -475,8 +475,8 @@ mod tests {
         ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap()
     }
 
-    #[test]
-    fn every_race_is_taken_once_and_counted() {
+    /// A vCPU's IBS with the faithful policy and race warnings, its EILVT set up as Linux does.
+    fn faithful_with_race_warnings() -> VcpuIbs {
         let settings = IbsSettings {
             policy: vpmu::Policy::Faithful,
             race_check: vpmu::RaceCheck::Warn,
@@ -484,6 +484,12 @@ mod tests {
         };
         let mut ibs = VcpuIbs::new(&settings, 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
+        ibs
+    }
+
+    #[test]
+    fn every_race_is_taken_once_and_counted() {
+        let mut ibs = faithful_with_race_warnings();
         for n in 1..=RACES_LOGGED + 2 {
             ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
             let ctl = latch_op(&mut ibs);
@@ -508,13 +514,7 @@ mod tests {
     /// again: a stale enable inside the handler is the race, one after it is not.
     #[test]
     fn the_device_nmi_lasts_until_nmis_are_unblocked() {
-        let settings = IbsSettings {
-            policy: vpmu::Policy::Faithful,
-            race_check: vpmu::RaceCheck::Warn,
-            ..IbsSettings::default()
-        };
-        let mut ibs = VcpuIbs::new(&settings, 0, false).unwrap();
-        ibs.wrmsr(EILVT0, 0x400);
+        let mut ibs = faithful_with_race_warnings();
         let stale_enable = |ibs: &mut VcpuIbs, ctl: u64| {
             ibs.wrmsr(IBS_OP_CTL, ctl & !OP_EN);
             assert_eq!(ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap() & OP_VAL, OP_VAL);

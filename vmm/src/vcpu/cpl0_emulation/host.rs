@@ -4,13 +4,19 @@
 
 use std::path::Path;
 
-/// Kernel parameters a stock Linux guest needs on a CPL0-emulating host, each with why.
+/// Kernel parameters a stock Linux guest needs on a CPL0-emulating host, each with why; a
+/// parameter the user gave keeps the user's value.
 ///
-/// Measured on our development hosts, which are such hosts: `KVM_SET_CPUID2` cannot hide the
-/// leaf 1/7 features from guest CPL0 code, and the emulator cannot execute them. The
-/// leaf 0xD.1 ones are hidden the same way (whether the table would hide them was not
-/// measured), since ibsvm completes only the standard forms.
+/// First, what it cannot run without, measured on our development hosts, which are such
+/// hosts: `KVM_SET_CPUID2` cannot hide the leaf 1/7 features from guest CPL0 code, and the
+/// emulator cannot execute them. The leaf 0xD.1 ones are hidden the same way (whether the
+/// table would hide them was not measured), since ibsvm completes only the standard forms.
 /// XSAVE and XRSTOR themselves stay: ibsvm completes them (`super::completion::xstate`).
+///
+/// Then what keeps its boot from taking many minutes there, where every kernel instruction
+/// is emulated (docs/boot-time.md): checks and self-tests skipped, no page zeroing at
+/// allocation, no read-only kernel mappings. They trade hardening for boot time in a guest
+/// that is there to be profiled; `--cpl0-quirks off` or the user's own value undoes each.
 pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
     // X86_FEATURE_* numbers (arch/x86/include/asm/cpufeatures.h, word*32+bit): 151 POPCNT,
     // 59 RDTSCP, 288 FSGSBASE, 308 SMAP, 137 SSSE3, 298 INVPCID, 311 CLFLUSHOPT, 312 CLWB,
@@ -18,6 +24,24 @@ pub const CPL0_EMULATION_LINUX_PARAMS: &[(&str, &str)] = &[
     (
         "clearcpuid=151,59,288,308,137,298,311,312,534,320,321,322,323",
         "popcnt, rdtscp, fsgsbase, smap, ssse3, invpcid, clflushopt, clwb and rdpid cannot be emulated, and ibsvm completes only the standard xsave/xrstor",
+    ),
+    ("io_delay=none", "every port-0x80 delay is a trapped I/O exit"),
+    (
+        "cryptomgr.notests",
+        "the crypto self-tests run as emulated kernel code",
+    ),
+    (
+        "init_on_alloc=0",
+        "zeroing every allocated page runs as emulated kernel code",
+    ),
+    (
+        "rodata=off",
+        "the W+X check of the read-only kernel mappings takes minutes emulated",
+    ),
+    ("nowatchdog", "emulated kernel code trips the lockup watchdogs"),
+    (
+        "initcall_blacklist=ftrace_check_for_weak_functions",
+        "ftrace's weak-function check takes over a minute emulated",
     ),
 ];
 
