@@ -5,7 +5,10 @@
 //! 2. `ibs_op` sampling through `perf_event_open` (cycles mode, `sample_period`
 //!    0x10000, IP + TID + RAW) while a known busy loop runs: enough samples, most of
 //!    them in the loop, every raw IBS_OP_CTL with En and Val, MaxCnt set, IBS_OP_RIP
-//!    equal to the sample IP, IBS_DC_PHYSADDR zero; lost records counted.
+//!    equal to the sample IP (the guest kernel's decoding: Linux takes the IP from it),
+//!    IBS_DC_PHYSADDR zero; lost records counted. Then `op-threads`:
+//!    a second thread on the same CPU runs another loop, and no sample may put one
+//!    thread's RIP on the other (a device presenting a stale RIP would).
 //! 3. `ibs_fetch` briefly: at least one sample with FETCH_CTL En and Val, and
 //!    IBS_FETCH_PHYSADDR zero in all.
 //! 4. The kernel log (read last, so it covers the sampling): `perf: AMD IBS detected`
@@ -141,6 +144,12 @@ fn main() {
         .as_ref()
         .and_then(|r| r.samples().first())
         .and_then(|s| raw_caps(&s.raw));
+    c.run("op-threads", || {
+        // Twice the op run: the two threads share the CPU.
+        let (run, tid_b) = sample_two_threads(&op_attr, 2.0 * opts.op_seconds)?;
+        let (a, b) = thread_loop_ranges();
+        threads_result(run.samples(), (a, run.tid), (b, tid_b))
+    });
 
     // 3. ibs_fetch sampling.
     let fetch_attr = ibs_pmu::attr(fetch_type, opts.fetch_period);
@@ -241,6 +250,33 @@ fn loop_range() -> (u64, u64) {
     let a = f as usize as u64;
     (a, a + LOOP_RANGE)
 }
+
+/// The second thread's loop of `op-threads`: the same work with other constants, so that
+/// the linker keeps it apart from [`busy_loop`].
+#[inline(never)]
+fn busy_loop_b(iters: u64, seed: u64) -> u64 {
+    let mut x = seed;
+    for _ in 0..iters {
+        x = std::hint::black_box(
+            x.wrapping_mul(2_862_933_555_777_941_757)
+                .wrapping_add(3_037_000_493),
+        );
+    }
+    x
+}
+
+/// The address ranges of the two loops of `op-threads`: from each function's entry, as far
+/// as [`THREAD_LOOP_RANGE`] bytes but never into the other function.
+fn thread_loop_ranges() -> ((u64, u64), (u64, u64)) {
+    let entry = |f: fn(u64, u64) -> u64| f as usize as u64;
+    let (a, b) = (entry(busy_loop), entry(busy_loop_b));
+    let len = THREAD_LOOP_RANGE.min(a.abs_diff(b));
+    ((a, a + len), (b, b + len))
+}
+
+/// Bytes from a loop function's entry that hold its loop, for `op-threads` (both loops are
+/// a few instructions).
+const THREAD_LOOP_RANGE: u64 = 128;
 
 // ---- opening the events ----
 
@@ -366,6 +402,84 @@ fn sample(attr: &PerfEventAttr, has_raw: bool, mode: Mode, seconds: f64) -> Resu
     })
 }
 
+/// `op-threads`: a second thread on this CPU runs [`busy_loop_b`] while this one samples
+/// [`busy_loop`] CPU-wide, so that the scheduler switches between them while samples are
+/// taken. Returns the run and the second thread's TID.
+fn sample_two_threads(attr: &PerfEventAttr, seconds: f64) -> Result<(Run, u32), String> {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tid = Arc::new(AtomicU32::new(0));
+    // The thread inherits this thread's CPU affinity (pinned by main).
+    let other = std::thread::spawn({
+        let (stop, tid) = (Arc::clone(&stop), Arc::clone(&tid));
+        move || {
+            // SAFETY: no arguments.
+            tid.store(
+                unsafe { libc::syscall(libc::SYS_gettid) } as u32,
+                Ordering::Release,
+            );
+            let mut acc = 0x9e37_79b9u64;
+            while !stop.load(Ordering::Relaxed) {
+                acc = busy_loop_b(MIN_CHUNK, acc);
+            }
+            std::hint::black_box(acc);
+        }
+    });
+    while tid.load(Ordering::Acquire) == 0 {
+        std::thread::yield_now();
+    }
+    let run = sample(attr, true, Mode::Cpu, seconds);
+    stop.store(true, Ordering::Relaxed);
+    other
+        .join()
+        .map_err(|_| "the second thread panicked".to_string())?;
+    Ok((run?, tid.load(Ordering::Acquire)))
+}
+
+/// Every sample whose RIP lies in one thread's loop must be attributed (by the guest kernel,
+/// from the task its NMI interrupted) to that thread: a device presenting a RIP from before
+/// a context switch, such as the previous sample's, puts one thread's RIP on the other.
+/// At least three samples in each loop, so that both ran sampled.
+fn threads_result(
+    samples: &[Sample],
+    (a, tid_a): ((u64, u64), u32),
+    (b, tid_b): ((u64, u64), u32),
+) -> Result<String, String> {
+    let within = |ip: u64, r: (u64, u64)| ip >= r.0 && ip < r.1;
+    let (mut in_a, mut in_b) = (0usize, 0usize);
+    let mut crossed = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        if within(s.ip, a) && s.tid == tid_a {
+            in_a += 1;
+        } else if within(s.ip, b) && s.tid == tid_b {
+            in_b += 1;
+        } else if within(s.ip, a) || within(s.ip, b) {
+            crossed.push((i, s));
+        }
+    }
+    if let Some((i, s)) = crossed.first() {
+        return Err(format!(
+            "{} samples carry a RIP of the other thread's loop; sample {i}: tid {}, ip {:#x} (thread {tid_a} loops at {:#x}, thread {tid_b} at {:#x})",
+            crossed.len(),
+            s.tid,
+            s.ip,
+            a.0,
+            b.0
+        ));
+    }
+    if in_a < 3 || in_b < 3 {
+        return Err(format!(
+            "too few samples to tell: {in_a} in thread {tid_a}'s loop, {in_b} in thread {tid_b}'s (want >= 3 each) of {}",
+            samples.len()
+        ));
+    }
+    Ok(format!(
+        "{} samples: {in_a} in thread {tid_a}'s loop, {in_b} in thread {tid_b}'s, none on the other thread",
+        samples.len()
+    ))
+}
+
 // ---- raw IBS payloads ----
 
 /// En and Val set and MaxCnt nonzero.
@@ -385,7 +499,10 @@ fn op_ctl_problem(o: &OpRaw) -> Option<String> {
 }
 
 /// IBS_OP_RIP must be the sample IP, unless the kernel used the interrupted IP
-/// because RipInvalid was set (caps RIPINVALIDCHK): `Ok(true)` then.
+/// because RipInvalid was set (caps RIPINVALIDCHK): `Ok(true)` then. This checks the
+/// guest kernel's decoding of the raw record (Linux takes the sample IP from IBS_OP_RIP),
+/// not the device: a wrong IBS_OP_RIP passes it. Where the device's RIPs land is judged by
+/// `in-loop` and `op-threads`.
 fn op_rip_check(ip: u64, o: &OpRaw) -> Result<bool, String> {
     if o.caps & CAPS_RIPINVALIDCHK != 0 && o.data & OP_DATA_RIP_INVALID != 0 {
         return Ok(true);
@@ -753,6 +870,34 @@ fn log_results(c: &mut Check, sample_caps: Option<u32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(ip: u64, tid: u32) -> Sample {
+        Sample {
+            ip,
+            pid: 1,
+            tid,
+            misc: 0,
+            raw: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn threads_keep_their_own_rips() {
+        let (a, b) = (((0x1000, 0x1080), 10), ((0x2000, 0x2080), 11));
+        let mut s: Vec<Sample> = (0..4)
+            .flat_map(|i| [at(0x1000 + i, 10), at(0x2000 + i, 11)])
+            .collect();
+        s.push(at(0xffff_ffff_8100_0000, 10)); // kernel: not judged
+        s.push(at(0x5000, 11)); // elsewhere in thread 11: not judged
+        assert!(threads_result(&s, a, b).is_ok());
+        // The previous sample's RIP after a switch: thread 11 at thread 10's loop.
+        s.push(at(0x1004, 11));
+        let e = threads_result(&s, a, b).unwrap_err();
+        assert!(e.contains("1 samples carry"), "{e}");
+        // Too few to tell.
+        let e = threads_result(&s[..3], a, b).unwrap_err();
+        assert!(e.contains("too few"), "{e}");
+    }
     use ibsvm_guest_checks::fixtures::{raw_payload, OP_REGS_7};
     use ibsvm_guest_checks::ibs_pmu::{CAPS_OPCNTEXT, OP_MAX_CNT};
     use ibsvm_guest_checks::perf::{
