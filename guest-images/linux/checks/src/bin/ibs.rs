@@ -440,7 +440,9 @@ fn sample_two_threads(attr: &PerfEventAttr, seconds: f64) -> Result<(Run, u32), 
 /// Every sample whose RIP lies in one thread's loop must be attributed (by the guest kernel,
 /// from the task its NMI interrupted) to that thread: a device presenting a RIP from before
 /// a context switch, such as the previous sample's, puts one thread's RIP on the other.
-/// At least three samples in each loop, so that both ran sampled.
+/// One such sample is tolerated: an interrupt the device had to defer (the guest was in an
+/// NMI handler) can in principle arrive after a switch. At least three samples in each
+/// loop, so that both ran sampled.
 fn threads_result(
     samples: &[Sample],
     (a, tid_a): ((u64, u64), u32),
@@ -458,7 +460,7 @@ fn threads_result(
             crossed.push((i, s));
         }
     }
-    if let Some((i, s)) = crossed.first() {
+    if let (true, Some((i, s))) = (crossed.len() > MAX_CROSSED, crossed.first()) {
         return Err(format!(
             "{} samples carry a RIP of the other thread's loop; sample {i}: tid {}, ip {:#x} (thread {tid_a} loops at {:#x}, thread {tid_b} at {:#x})",
             crossed.len(),
@@ -475,10 +477,14 @@ fn threads_result(
         ));
     }
     Ok(format!(
-        "{} samples: {in_a} in thread {tid_a}'s loop, {in_b} in thread {tid_b}'s, none on the other thread",
-        samples.len()
+        "{} samples: {in_a} in thread {tid_a}'s loop, {in_b} in thread {tid_b}'s, {} on the other thread (at most {MAX_CROSSED})",
+        samples.len(),
+        crossed.len()
     ))
 }
+
+/// Samples `op-threads` tolerates on the other thread's loop (see [`threads_result`]).
+const MAX_CROSSED: usize = 1;
 
 // ---- raw IBS payloads ----
 
@@ -890,10 +896,15 @@ mod tests {
         s.push(at(0xffff_ffff_8100_0000, 10)); // kernel: not judged
         s.push(at(0x5000, 11)); // elsewhere in thread 11: not judged
         assert!(threads_result(&s, a, b).is_ok());
-        // The previous sample's RIP after a switch: thread 11 at thread 10's loop.
+        // The previous sample's RIP after a switch: thread 11 at thread 10's loop. One is
+        // tolerated (a deferred interrupt), two are not.
         s.push(at(0x1004, 11));
+        assert!(threads_result(&s, a, b)
+            .unwrap()
+            .contains("1 on the other thread"));
+        s.push(at(0x2004, 10));
         let e = threads_result(&s, a, b).unwrap_err();
-        assert!(e.contains("1 samples carry"), "{e}");
+        assert!(e.contains("2 samples carry"), "{e}");
         // Too few to tell.
         let e = threads_result(&s[..3], a, b).unwrap_err();
         assert!(e.contains("too few"), "{e}");
