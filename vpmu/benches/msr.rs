@@ -100,10 +100,16 @@ fn main() {
     let mut file = RegisterFile([0; 16]);
     let writes = compare(
         || {
-            black_box(vpmu.wrmsr(black_box(IBS_OP_CTL), black_box(REARM), ctx).is_ok());
+            black_box(
+                vpmu.wrmsr(black_box(IBS_OP_CTL), black_box(REARM), ctx)
+                    .is_ok(),
+            );
         },
         || {
-            black_box(file.wrmsr(black_box(IBS_OP_CTL), black_box(REARM)).is_some());
+            black_box(
+                file.wrmsr(black_box(IBS_OP_CTL), black_box(REARM))
+                    .is_some(),
+            );
         },
     );
     let reads_ok = report("rdmsr", reads, READ_TARGET);
