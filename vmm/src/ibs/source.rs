@@ -183,8 +183,6 @@ mod tests {
                 nmi_blocked: false,
                 kicked: true,
                 user_mode: true,
-                ran_ns: 0,
-                kvm_exits: 0,
             }),
             None,
             "host-mode samples never reach the guest"
@@ -211,8 +209,6 @@ mod tests {
                 nmi_blocked: false,
                 kicked: true,
                 user_mode: true,
-                ran_ns: 0,
-                kvm_exits: 0,
             }),
             None
         ); // logs the error

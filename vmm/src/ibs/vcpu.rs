@@ -29,10 +29,14 @@ pub struct ExitState {
     pub kicked: bool,
     /// The vCPU was at CPL3 when it exited (so it enters there again).
     pub user_mode: bool,
-    /// CPU time the run lasted for the guest (ns; a kicked run only until the timer fired).
-    pub ran_ns: u64,
-    /// Exits KVM handled itself during the run.
-    pub kvm_exits: u64,
+}
+
+/// A KVM_RUN not yet counted on the guest clock (see [`VcpuIbs::ran`]).
+#[derive(Debug, Clone, Copy)]
+struct PendingRun {
+    ns: u64,
+    kicked: bool,
+    kvm_exits: u64,
 }
 
 /// The IBS state of one vCPU.
@@ -42,6 +46,8 @@ pub struct VcpuIbs {
     id: u8,
     /// The vCPU was at CPL3 at the last exit, so it enters there.
     user_mode: bool,
+    /// The run that just ended, until it is counted.
+    pending_run: Option<PendingRun>,
     /// The guest's own execution time: the synthetic source's clock.
     clock: GuestClock,
     /// The device's NMI was injected and the guest has not yet unmasked NMIs.
@@ -120,6 +126,7 @@ impl VcpuIbs {
             dev,
             id,
             user_mode: false,
+            pending_run: None,
             clock: GuestClock::new(if emulated_cpl0 {
                 CPL0_EMULATION_SLOWDOWN
             } else {
@@ -173,10 +180,33 @@ impl VcpuIbs {
             .map(|ns| ns.max(self.clock.exit_cost()))
     }
 
+    /// A KVM_RUN just ended, before its exit is dispatched: `ns` of guest CPU time (a kicked
+    /// run only until the timer fired), whether a kick ended it, and how many exits KVM
+    /// handled itself during it. It is counted on the guest clock before anything in this
+    /// exit uses the clock: at an IBS MSR write (a period the write starts must not include
+    /// the run that led up to the write), else in [`VcpuIbs::after_exit`].
+    pub fn ran(&mut self, ns: u64, kicked: bool, kvm_exits: u64) {
+        self.pending_run = Some(PendingRun {
+            ns,
+            kicked,
+            kvm_exits,
+        });
+    }
+
+    /// Counts the pending run, the vCPU having left it in user mode or not, and notes the
+    /// mode it enters next.
+    fn settle_run(&mut self, user_mode: bool) {
+        if let Some(run) = self.pending_run.take() {
+            let native = self.user_mode && user_mode;
+            self.account_run(run.ns, run.kicked, native, run.kvm_exits);
+        }
+        self.user_mode = user_mode;
+    }
+
     /// Adds one KVM_RUN of `ns` CPU nanoseconds to the guest clock; `kicked` says whether
     /// it ended with a kick, `native` whether the vCPU was at CPL3 when it entered and when
     /// it left, `kvm_exits` how many exits KVM handled itself during it (see
-    /// [`GuestClock::account`]). Part of [`VcpuIbs::after_exit`].
+    /// [`GuestClock::account`]).
     ///
     /// A kick that retried a deferred interrupt is aimed at the guest's NMI handler, not
     /// at wherever the guest happened to be: its run counts like one the guest's own
@@ -211,11 +241,8 @@ impl VcpuIbs {
             nmi_blocked,
             kicked,
             user_mode,
-            ran_ns,
-            kvm_exits,
         } = exit;
-        self.account_run(ran_ns, kicked, self.user_mode && user_mode, kvm_exits);
-        self.user_mode = user_mode;
+        self.settle_run(user_mode);
         let deadline = self.dev.next_deadline();
         let now = self.clock.now();
         let reached = deadline.is_some_and(|d| now >= d);
@@ -353,7 +380,9 @@ impl VcpuDevices for VcpuIbs {
         if !is_vpmu_msr(index) {
             return None;
         }
-        // A period this write starts runs from now; a host source's kicks come here.
+        // A period this write starts runs from now, the run up to the write counted first
+        // (WRMSR is a CPL0 instruction); a host source's kicks come here.
+        self.settle_run(false);
         self.dev.set_guest_time(self.clock.now());
         self.dev.source().on_vcpu_thread();
         // In-NMI evidence for race detection is the device's own NMI still in service.
@@ -404,14 +433,24 @@ mod tests {
             nmi_blocked,
             kicked: true,
             user_mode: true,
-            ran_ns: 0,
-            kvm_exits: 0,
         }
     }
 
     /// `exit`, after a run of `ns` guest nanoseconds.
-    fn after(ns: u64, exit: ExitState) -> ExitState {
-        ExitState { ran_ns: ns, ..exit }
+    fn after(ns: u64, exit: ExitState) -> (u64, ExitState) {
+        (ns, exit)
+    }
+
+    /// One KVM_RUN as the vCPU loop reports it: the run, then the exit.
+    trait Step {
+        fn step(&mut self, run: (u64, ExitState)) -> Option<Interrupt>;
+    }
+
+    impl Step for VcpuIbs {
+        fn step(&mut self, (ns, exit): (u64, ExitState)) -> Option<Interrupt> {
+            self.ran(ns, exit.kicked, 0);
+            self.after_exit(exit)
+        }
     }
 
     /// A kick exit at `rip` in kernel mode.
@@ -438,7 +477,7 @@ mod tests {
             "no time has passed"
         );
         assert_eq!(
-            ibs.after_exit(after(10_000_000, kick(0x40_1000, false))),
+            ibs.step(after(10_000_000, kick(0x40_1000, false))),
             Some(Interrupt::Nmi)
         );
         ibs.injected(Interrupt::Nmi);
@@ -467,7 +506,7 @@ mod tests {
     /// Runs `ibs` until its op unit latches, the NMI is injected and the handler reads CTL.
     fn latch_op(ibs: &mut VcpuIbs) -> u64 {
         assert_eq!(
-            ibs.after_exit(after(10_000_000, kick(0x40_1000, false))),
+            ibs.step(after(10_000_000, kick(0x40_1000, false))),
             Some(Interrupt::Nmi)
         );
         assert!(!ibs.interrupt_pending(), "taken");
@@ -594,7 +633,7 @@ mod tests {
         ibs.wrmsr(EILVT0, 0x400);
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // The sample latches at an exit inside some NMI handler: not injected there.
-        assert_eq!(ibs.after_exit(after(10_000_000, kick(0x10, true))), None);
+        assert_eq!(ibs.step(after(10_000_000, kick(0x10, true))), None);
         assert_eq!(
             ibs.deadline_in(),
             Some(DEFERRED_IRQ_RETRY_NS),
@@ -608,7 +647,7 @@ mod tests {
         // nothing is injected for it afterwards.
         ibs.after_exit(kick(0x20, true));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
-        assert_eq!(ibs.after_exit(after(10_000_000, kick(0x30, true))), None);
+        assert_eq!(ibs.step(after(10_000_000, kick(0x30, true))), None);
         let ctl = ibs.rdmsr(IBS_OP_CTL).unwrap().unwrap();
         ibs.wrmsr(IBS_OP_CTL, (ctl & !OP_VAL) & !OP_EN);
         assert_eq!(
@@ -628,14 +667,17 @@ mod tests {
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // Guest-caused exits of 100 ns each set the dead zone, then one after 10 ms of
         // guest time (say a page fault at 0x50) finds the sample due: none taken there.
-        let own = |ns| ExitState {
-            kicked: false,
-            ..after(ns, kick(0x50, false))
+        let own = |ns| {
+            let exit = ExitState {
+                kicked: false,
+                ..kick(0x50, false)
+            };
+            after(ns, exit)
         };
         for _ in 0..30 {
-            assert_eq!(ibs.after_exit(own(100)), None);
+            assert_eq!(ibs.step(own(100)), None);
         }
-        assert_eq!(ibs.after_exit(own(10_000_000)), None);
+        assert_eq!(ibs.step(own(10_000_000)), None);
         assert_eq!(
             ibs.deadline_in(),
             Some(100),
@@ -645,16 +687,44 @@ mod tests {
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x60)));
     }
 
+    /// The run that ends at the guest's enabling WRMSR is counted before the write: on a
+    /// host where that run can be long (the guest ran, then its kernel enabled IBS), it
+    /// must not count towards the new period and put a sample on the instruction after
+    /// the write.
+    #[test]
+    fn the_run_up_to_an_enabling_write_is_not_in_its_period() {
+        let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
+        ibs.wrmsr(EILVT0, 0x400);
+        let own = ExitState {
+            kicked: false,
+            ..kick(0x70, false)
+        };
+        // Cheap guest-caused exits set a small dead zone.
+        for _ in 0..30 {
+            ibs.step(after(100, own));
+        }
+        // 50 ms of guest execution end at the enabling WRMSR.
+        ibs.ran(50_000_000, false, 0);
+        assert_eq!(ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN), Some(Ok(())));
+        assert_eq!(ibs.after_exit(own), None);
+        assert_eq!(
+            ibs.deadline_in(),
+            Some(0x10000),
+            "the whole period is still due"
+        );
+    }
+
     #[test]
     fn a_kick_is_never_armed_sooner_than_an_exit_costs() {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // Guest-caused exits of 150 µs each (a nested host): no guest time.
         for _ in 0..10 {
-            ibs.after_exit(ExitState {
+            let exit = ExitState {
                 kicked: false,
-                ..after(150_000, kick(0x70, false))
-            });
+                ..kick(0x70, false)
+            };
+            ibs.step(after(150_000, exit));
         }
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 65.5 µs of the period remain, but the timer waits for the guest to run.
@@ -666,7 +736,7 @@ mod tests {
         let mut ibs = VcpuIbs::new(&IbsSettings::default(), 0, false).unwrap();
         ibs.wrmsr(EILVT0, 0x400);
         // 50 ms of guest time pass before the guest enables a 65 536-op (65.5 µs) period.
-        ibs.after_exit(after(50_000_000, kick(0x1000, false)));
+        ibs.step(after(50_000_000, kick(0x1000, false)));
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         assert_eq!(
             ibs.after_exit(kick(0x1234, false)),
@@ -674,7 +744,7 @@ mod tests {
             "no sample at the enabling write"
         );
         assert_eq!(
-            ibs.after_exit(after(65_536, kick(0x40_2000, false))),
+            ibs.step(after(65_536, kick(0x40_2000, false))),
             Some(Interrupt::Nmi)
         );
         assert_eq!(ibs.rdmsr(0xc001_1034), Some(Ok(0x40_2000)));
@@ -687,14 +757,14 @@ mod tests {
         ibs.wrmsr(IBS_OP_CTL, 0x1000 | OP_EN);
         // 3 ms in an emulated NMI handler: 3 µs of the 65.5 µs period.
         assert_eq!(
-            ibs.after_exit(after(3_000_000, kernel_kick(0xffff_ffff_8100_0000))),
+            ibs.step(after(3_000_000, kernel_kick(0xffff_ffff_8100_0000))),
             None
         );
         // Back in user mode (a run that ends there is not all native)...
         assert_eq!(ibs.after_exit(kick(0x40_1ff0, false)), None);
         // ...then the loop itself, native.
         assert_eq!(
-            ibs.after_exit(after(65_536, kick(0x40_2000, false))),
+            ibs.step(after(65_536, kick(0x40_2000, false))),
             Some(Interrupt::Nmi)
         );
         assert_eq!(
@@ -734,7 +804,7 @@ mod tests {
             let wall = ibs.deadline_in().unwrap();
             kicks += 1;
             if ibs
-                .after_exit(after(wall, kernel_kick(0xffff_ffff_8100_0000)))
+                .step(after(wall, kernel_kick(0xffff_ffff_8100_0000)))
                 .is_some()
             {
                 break;

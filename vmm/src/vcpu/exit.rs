@@ -121,14 +121,6 @@ impl Exit<'_> {
             Exit::Other(_) => "exit.other",
         }
     }
-
-    /// How a kick ended the run, if one did.
-    pub fn kick(&self) -> Option<Kick> {
-        match self {
-            Exit::Kicked(kick) => Some(*kick),
-            _ => None,
-        }
-    }
 }
 
 /// What the vCPU loop does after an exit.

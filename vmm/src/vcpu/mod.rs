@@ -125,18 +125,6 @@ pub enum VcpuError {
     },
 }
 
-/// What one KVM_RUN was, recorded right after it (see [`Vcpu::step`]).
-#[derive(Debug, Clone, Copy, Default)]
-struct RunRecord {
-    /// CPU time it lasted for the guest (ns): a run the kick timer ended, only until the
-    /// timer fired.
-    ns: u64,
-    /// A kick ended it (the timer, or another thread), not the guest's own instruction.
-    kicked: bool,
-    /// Exits KVM handled itself during it.
-    kvm_exits: u64,
-}
-
 /// One vCPU and what its thread needs.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -149,8 +137,9 @@ pub struct Vcpu {
     counters: Counters,
     /// CPU time (ns) this thread spent inside KVM_RUN in all (see [`cpu_clock`]).
     run_ns: u64,
-    /// The last KVM_RUN.
-    last_run: RunRecord,
+    /// A kick ended the last KVM_RUN (the timer, or another thread), not the guest's own
+    /// instruction.
+    kicked: bool,
     /// KVM's exit counter, for the IBS clock; opened on the vCPU thread.
     kvm_exits: Option<KvmExits>,
     /// Stops the vCPU at IBS sample points and profiler ticks; created on the vCPU thread.
@@ -192,7 +181,7 @@ impl Vcpu {
             bridge: SyscallBridge::default(),
             counters: Counters::default(),
             run_ns: 0,
-            last_run: RunRecord::default(),
+            kicked: false,
             kvm_exits: None,
             timer: None,
             armed_ns: None,
@@ -359,8 +348,7 @@ impl Vcpu {
     /// Work between exits: the profiler's sample; for virtual IBS, report races, take due
     /// samples, inject the NMI.
     fn after_exit(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
-        let run = self.last_run;
-        if let Some(profiler) = self.profiler.as_mut().filter(|_| run.kicked) {
+        if let Some(profiler) = self.profiler.as_mut().filter(|_| self.kicked) {
             profiler.after_exit(self.run_ns, self.fd.sync_regs().regs.rip);
         }
         let Some(ibs) = &mut self.ibs else {
@@ -378,11 +366,9 @@ impl Vcpu {
         let exit = ExitState {
             rip: sync.regs.rip,
             nmi_blocked,
-            kicked: run.kicked,
+            kicked: self.kicked,
             // CPL = CS.RPL in long mode (SDM vol. 3A §5.5).
             user_mode: sync.sregs.cs.selector & 3 == 3,
-            ran_ns: run.ns,
-            kvm_exits: run.kvm_exits,
         };
         let Some(irq) = ibs.after_exit(exit) else {
             return Ok(());
@@ -412,7 +398,7 @@ impl Vcpu {
     fn watch_halt(&mut self, context: &VcpuContext) -> Result<(), VcpuError> {
         let watch = context.halt_watch();
         let id = usize::from(self.id);
-        if !self.last_run.kicked {
+        if !self.kicked {
             watch.running(id);
             return Ok(());
         }
@@ -489,11 +475,23 @@ impl Vcpu {
         // All but the exit that ended the run (none if a kick stopped it before entry).
         let kvm_exits = exits.saturating_sub(1);
         self.counters.add("kvm.handled_exits", kvm_exits);
-        self.last_run = RunRecord {
-            ns: ran,
-            kicked: false,
-            kvm_exits,
+        let kick = match &result {
+            Ok(VcpuExit::Intr) => Some(Kick::FromGuest),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Some(Kick::BeforeEntry)
+            }
+            _ => None,
         };
+        // A run the kick timer ended lasted, for the guest, until the timer fired: what
+        // follows is the host delivering the signal and leaving the guest.
+        let ns = match kick {
+            Some(_) => ran.min(self.armed_ns.unwrap_or(u64::MAX)),
+            None => ran,
+        };
+        self.kicked = kick.is_some();
+        if let Some(ibs) = &mut self.ibs {
+            ibs.ran(ns, kick.is_some(), kvm_exits);
+        }
         let ran = match result {
             Ok(VcpuExit::IoIn(port, data)) => Ok(Exit::IoIn { port, data }),
             Ok(VcpuExit::IoOut(port, data)) => Ok(Exit::IoOut { port, data }),
@@ -553,18 +551,12 @@ impl Vcpu {
                 }
             }
         };
-        let (counter, kick) = (exit.counter(), exit.kick());
+        let counter = exit.counter();
         let local: &mut dyn VcpuDevices = match &mut self.ibs {
             Some(ibs) => ibs,
             None => &mut NoVcpuDevices,
         };
         let outcome = dispatch(exit, pio, local, policy);
-        if kick.is_some() {
-            // A run the kick timer ended lasted, for the guest, until the timer fired:
-            // what follows is the host delivering the signal and leaving the guest.
-            self.last_run.kicked = true;
-            self.last_run.ns = self.last_run.ns.min(self.armed_ns.unwrap_or(u64::MAX));
-        }
         if kick == Some(Kick::BeforeEntry) {
             self.fd.set_kvm_immediate_exit(0);
         }
